@@ -1,0 +1,75 @@
+"""Entry point of ``cellseg-deploy``: the top-level group, error mapping and command registration.
+
+Each command group lives in its own module (``cli/data.py``, ``cli/train.py``, ...) and is added here.
+Heavy libraries are imported inside the commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+import click
+
+from cellseg_deploy import __version__
+from cellseg_deploy.errors import CheckFailed, UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="cellseg-deploy")
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks for errors and debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Train, export, verify and benchmark a Mask R-CNN for cell instance segmentation.
+
+    \b
+    Example (the whole pipeline on synthetic data, nothing downloaded):
+        cellseg-deploy demo --out runs/demo
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+def _register() -> None:
+    """Add every command group; each import is cheap (heavy imports happen inside commands)."""
+    from cellseg_deploy.cli import data as data_cmds
+
+    cli.add_command(data_cmds.data)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; map user errors to one stderr line and exit 2, failed checks to exit 1."""
+    verbose = "--verbose" in (argv or sys.argv[1:]) or "-v" in (argv or sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="cellseg-deploy", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:  # usage errors: click's own message
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except CheckFailed as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"FAILED: {exc}", err=True)
+        return CheckFailed.exit_code
+    except UserError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
