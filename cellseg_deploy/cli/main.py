@@ -37,6 +37,21 @@ def _register() -> None:
     from cellseg_deploy.cli import data as data_cmds
 
     cli.add_command(data_cmds.data)
+    from cellseg_deploy.cli import evaluate as evaluate_cmds
+
+    cli.add_command(evaluate_cmds.eval_cmd)
+    cli.add_command(evaluate_cmds.predict_cmd)
+    from cellseg_deploy.cli import bench as bench_cmds
+
+    cli.add_command(bench_cmds.bench)
+    from cellseg_deploy.cli import train as train_cmds
+
+    cli.add_command(train_cmds.train_cmd)
+    from cellseg_deploy.cli import export as export_cmds
+    from cellseg_deploy.cli import parity as parity_cmds
+
+    cli.add_command(export_cmds.export_cmd)
+    cli.add_command(parity_cmds.parity_cmd)
 
 
 _register()

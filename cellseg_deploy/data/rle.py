@@ -47,31 +47,29 @@ def encode_crop(crop: np.ndarray, x0: int, y0: int, image_size: tuple[int, int])
 
     Returns:
         The same compressed RLE that :func:`encode_mask` gives for the full ``H x W`` mask. Cost is
-        ``O(H * w)`` (a full-height strip), independent of the image width.
+        ``O(h * w)`` plus the number of runs, independent of the image size.
     """
     height, width = image_size
     h, w = crop.shape
     if x0 < 0 or y0 < 0 or x0 + w > width or y0 + h > height:
         raise ValueError(f"window x0={x0} y0={y0} w={w} h={h} lies outside the {height}x{width} image")
-    # Column-major strip covering columns x0 .. x0+w-1 over the full height.
-    strip = np.zeros((w, height), dtype=np.uint8)  # one row per image column
-    strip[:, y0 : y0 + h] = crop.T
-    flat = strip.reshape(-1)
-    # Run boundaries of the strip, then pad the leading/trailing zero runs with the columns outside it.
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate(([0], change, [flat.size]))
-    runs = np.diff(bounds).astype(np.int64)
-    if flat.size and flat[0] == 1:
-        runs = np.concatenate(([0], runs))
-    elif flat.size == 0:
-        runs = np.zeros((1,), np.int64)
-    runs[0] += x0 * height
-    if len(runs) % 2 == 1:  # last run is zeros
-        runs[-1] += (width - x0 - w) * height
-    elif width - x0 - w > 0:
-        runs = np.concatenate((runs, [(width - x0 - w) * height]))
-    uncompressed = {"size": [height, width], "counts": [int(r) for r in runs]}
-    return _to_str_counts(mask_utils.frPyObjects(uncompressed, height, width))
+    total = height * width
+    if h == 0 or w == 0 or not crop.any():
+        counts = [total]
+    else:
+        # Each window column padded with a zero above and below: the nonzero steps are the run boundaries,
+        # in column-major order (column, then row), as full-image indices x * H + y.
+        padded = np.zeros((w, h + 2), np.int8)
+        padded[:, 1:-1] = crop.T
+        col, row = np.nonzero(np.diff(padded, axis=1))
+        bounds = (col + x0).astype(np.int64) * height + (row + y0)  # start, end, start, end, ...
+        if h == height:  # a run ending at the bottom of a column and one starting atop the next are one run
+            touching = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
+            if touching.size:
+                bounds = np.delete(bounds, np.concatenate((2 * touching + 1, 2 * touching + 2)))
+        edges = [np.zeros(1, np.int64), bounds] + ([np.full(1, total, np.int64)] if bounds[-1] != total else [])
+        counts = np.diff(np.concatenate(edges)).tolist()
+    return _to_str_counts(mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width))
 
 
 def decode_rle(rle: RLE) -> np.ndarray:

@@ -15,6 +15,11 @@ from cellseg_deploy.runners.base import Runner
 
 _RUNNER_MODULES: dict[str, str] = {
     "torch": "cellseg_deploy.runners.torch_runner",
+    "staged-onnx": "cellseg_deploy.runners.staged_runner",
+    "trt": "cellseg_deploy.runners.staged_runner",
+    "staged-torch": "cellseg_deploy.runners.staged_runner",
+    "onnx": "cellseg_deploy.runners.ort_runner",
+    "openvino": "cellseg_deploy.runners.openvino_runner",
 }
 """Runner name -> module that defines it (imported on first use). Add new backends here."""
 

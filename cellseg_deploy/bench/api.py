@@ -1,0 +1,188 @@
+"""What ``cellseg-deploy bench`` does, as one library call: :func:`run_bench`.
+
+It resolves the models (:mod:`cellseg_deploy.bench.models`), builds the workload
+(:mod:`cellseg_deploy.bench.workload`), measures (:mod:`cellseg_deploy.bench.runner_bench`), runs the asked
+sweeps (:mod:`cellseg_deploy.bench.sweep`) and writes the report (:mod:`cellseg_deploy.bench.report`).
+
+Models come from exactly one source:
+
+- ``checkpoint`` (``--model CKPT``), plus optional explicit files per engine (``--model-for ENGINE=PATH``);
+  engines that read another kind of file get one exported from the checkpoint into ``cache_dir``;
+- explicit files only (every engine with ``--model-for``);
+- ``untrained=ARCH`` (``--untrained ARCH``): a random-weight model whose detection count equals the cell
+  count of the images (see :func:`~cellseg_deploy.bench.models.build_untrained_checkpoint`), one per cell
+  count, exported for the engines that need it. Latency then measures a controlled amount of work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellseg_deploy.bench.models import EngineModel, build_untrained_checkpoint, resolve_engine_models
+from cellseg_deploy.bench.report import write_report
+from cellseg_deploy.bench.runner_bench import BenchSettings, run_benchmark, split_label
+from cellseg_deploy.bench.sweep import DEFAULT_CELLS, DEFAULT_SIZES, run_sweep
+from cellseg_deploy.bench.workload import Workload, folder_workload, synthetic_workload
+from cellseg_deploy.errors import ConfigError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """Everything ``cellseg-deploy bench`` was asked for.
+
+    Attributes:
+        settings: how to measure (engines, warm-up, iterations, device, threads, ...).
+        checkpoint: ``--model``; ``model_for``: ``--model-for``; ``untrained``: ``--untrained ARCH``.
+        untrained_min_size: the untrained model's input size (short side, px).
+        data: a dataset root or image folder (``--data``); ``limit``: at most this many of its images.
+        imgsz / cells / images / seed: the synthetic workload (square side px, cells per image, image count).
+        sweeps: ``("cells",)``, ``("size",)``, both or none; ``sweep_cells`` / ``sweep_sizes``: their points.
+        out_dir: where the report goes; ``cache_dir``: exported models and synthetic images (reused).
+    """
+
+    settings: BenchSettings
+    checkpoint: Path | None = None
+    model_for: dict[str, Path] = field(default_factory=dict)
+    untrained: str | None = None
+    untrained_min_size: int = 512
+    data: Path | None = None
+    limit: int | None = None
+    imgsz: int = 512
+    cells: int = 150
+    images: int = 1
+    seed: int = 0
+    sweeps: tuple[str, ...] = ()
+    sweep_cells: tuple[int, ...] = DEFAULT_CELLS
+    sweep_sizes: tuple[int, ...] = DEFAULT_SIZES
+    out_dir: Path = Path("runs/bench")
+    cache_dir: Path = Path("runs/bench-cache")
+
+    def __post_init__(self) -> None:
+        if self.untrained is not None and (self.checkpoint is not None or self.model_for):
+            raise ConfigError(
+                "--untrained builds its own models; do not combine it with --model or --model-for"
+            )
+        if self.untrained is None and self.checkpoint is None and not self.model_for:
+            raise ConfigError(
+                "no model given: pass --model CKPT, --model-for ENGINE=PATH, or --untrained ARCH"
+            )
+        if self.data is None and (self.imgsz < 1 or self.cells < 1 or self.images < 1):
+            raise ConfigError(
+                f"--imgsz, --cells and --images must be positive, got {self.imgsz}, {self.cells}, {self.images}"
+            )
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON (the settings are reported separately)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
+        for key in ("checkpoint", "data", "out_dir", "cache_dir"):
+            d[key] = None if d[key] is None else str(d[key])
+        d["model_for"] = {k: str(v) for k, v in self.model_for.items()}
+        d["sweeps"] = list(self.sweeps)
+        d["sweep_cells"] = list(self.sweep_cells)
+        d["sweep_sizes"] = list(self.sweep_sizes)
+        return d
+
+
+def models_by_label(labels: tuple[str, ...], by_runner: dict[str, EngineModel]) -> dict[str, EngineModel]:
+    """Give every engine label (``runner[:precision]``) its runner's model file."""
+    return {label: by_runner[split_label(label)[0]] for label in labels}
+
+
+def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[str, EngineModel]]:
+    """``cells -> {engine label: EngineModel}`` (the same models for every point unless untrained)."""
+    labels = request.settings.engines
+    runners = list(dict.fromkeys(split_label(label)[0] for label in labels))
+    if request.untrained is None:
+        models = models_by_label(
+            labels,
+            resolve_engine_models(
+                runners,
+                checkpoint=request.checkpoint,
+                model_for=request.model_for,
+                cache_dir=request.cache_dir,
+                on_export=log,
+            ),
+        )
+        return lambda _cells: models
+    cache: dict[int, dict[str, EngineModel]] = {}
+    arch = request.untrained
+
+    def provide(cells: int) -> dict[str, EngineModel]:
+        if cells not in cache:
+            ckpt = (
+                request.cache_dir
+                / "untrained"
+                / (f"{arch}-det{cells}-min{request.untrained_min_size}-seed{request.seed}.pt")
+            )
+            build_untrained_checkpoint(
+                ckpt, arch, cells, min_size=request.untrained_min_size, seed=request.seed
+            )
+            cache[cells] = models_by_label(
+                labels,
+                resolve_engine_models(runners, checkpoint=ckpt, cache_dir=request.cache_dir, on_export=log),
+            )
+        return cache[cells]
+
+    provide(request.cells)  # fail early on a bad engine or model before any image is made
+    return provide
+
+
+def build_workload(request: BenchRequest) -> Workload:
+    """The images of the main measurement: the ``--data`` folder, or synthetic images in the cache folder."""
+    if request.data is not None:
+        return folder_workload(request.data, limit=request.limit)
+    folder = (
+        request.cache_dir
+        / "workloads"
+        / f"{request.imgsz}px-{request.cells}cells-{request.images}img-seed{request.seed}"
+    )
+    return synthetic_workload(
+        folder, request.imgsz, request.imgsz, request.cells, images=request.images, seed=request.seed
+    )
+
+
+def run_bench(request: BenchRequest, log: Log | None = None) -> dict[str, Any]:
+    """Measure, sweep and write the report; returns the result dict (also written to ``out_dir/bench.json``).
+
+    The result is :func:`~cellseg_deploy.bench.runner_bench.run_benchmark`'s, plus ``request``, ``sweeps``
+    (``{kind: sweep result}``) and ``outputs`` (the written files).
+    """
+    log = log or (lambda _msg: None)
+    provider = _models_provider(request, log)
+    workload = build_workload(request)
+    models = provider(request.cells)
+    result = run_benchmark(request.settings, models, workload)
+    result["request"] = request.to_dict()
+    if request.untrained is not None:
+        result["models_note"] = (
+            f"untrained {request.untrained} models (random weights, seed {request.seed}) with score_thresh 0 and "
+            f"detections_per_img = cells, so each image yields exactly as many detections as it has cells "
+            f"({request.cells} here); box sizes come from random proposals, not from cells"
+        )
+    sweeps: dict[str, Any] = {}
+    for kind in request.sweeps:
+        values = request.sweep_cells if kind == "cells" else request.sweep_sizes
+        log(f"sweep over {kind}: {list(values)}")
+        sweeps[kind] = run_sweep(
+            kind,
+            values,
+            request.settings,
+            provider,
+            request.cache_dir / "workloads" / "sweeps",
+            imgsz=request.imgsz,
+            cells=request.cells,
+            images=request.images,
+            seed=request.seed,
+        )
+    if sweeps:
+        result["sweeps"] = sweeps
+    write_report(result, request.out_dir)  # adds result["outputs"]
+    return result

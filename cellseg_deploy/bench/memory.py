@@ -1,0 +1,167 @@
+"""Peak memory of one engine, measured in a fresh process.
+
+The latency measurement keeps every engine loaded in one process (so they can be interleaved), which makes
+the process's memory high-water mark a mix of all of them. Here each engine runs alone in a new Python
+process (``python -m cellseg_deploy.bench.memory``) that imports what the engine needs, records its resident
+set size (RSS), loads the engine, runs the same pipeline as the benchmark (decode, infer, post-process) over
+the workload, and reports:
+
+- ``baseline_rss_mb``: RSS after imports, before the model is loaded (interpreter + libraries);
+- ``loaded_rss_mb``: RSS after the model is loaded;
+- ``peak_rss_mb``: the process's RSS high-water mark (:func:`peak_rss_mb`) from the baseline on (the mark
+  is reset there where Linux allows, see ``peak_since``): the interpreter and imports included;
+- ``peak_over_baseline_mb``: ``peak_rss_mb - baseline_rss_mb``, the memory the model and inference added;
+- on CUDA, ``cuda_torch_peak_allocated_mb`` (``torch.cuda.max_memory_allocated``: torch's caching allocator
+  only, so it covers the torch runner and not ONNX Runtime or TensorRT allocations) and
+  ``cuda_device_used_peak_over_baseline_mb`` (device-wide used memory from ``cudaMemGetInfo``, sampled
+  after every call, minus its value before loading: every allocator and the CUDA context of this process,
+  but also any change made by other processes on the same GPU meanwhile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MARKER = "CELLSEG_BENCH_MEMORY "
+
+
+def peak_rss_mb() -> float:
+    """This process's RSS high-water mark in MiB.
+
+    Linux: ``VmHWM`` from ``/proc/self/status``, which belongs to the current address space (it starts again
+    at ``exec``, and :func:`reset_peak_rss` can restart it). Elsewhere ``getrusage(RUSAGE_SELF).ru_maxrss``,
+    which on Linux would also carry the parent's RSS at ``fork`` over the ``exec`` of a child process.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def reset_peak_rss() -> bool:
+    """Restart the RSS high-water mark at the current RSS (Linux ``clear_refs`` 5); False when unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one engine over the workload in *this* process and report its memory (see the module docstring).
+
+    ``spec`` keys: ``engine`` (runner name), ``label`` (optional, for the report), ``model_path``, ``device``, ``precision``, ``threads``, ``batch``,
+    ``options``, ``image_paths`` (list of TIFF paths), ``rounds`` (passes over the images), ``post``
+    (:class:`~cellseg_deploy.postprocess.PostprocessConfig` fields).
+    """
+    import psutil
+
+    from cellseg_deploy.data.io import read_image
+    from cellseg_deploy.postprocess import PostprocessConfig, postprocess
+    from cellseg_deploy.runners import create_runner, get_runner_class
+
+    get_runner_class(spec["engine"])  # imports the backend module
+    device: str = spec["device"]
+    cuda = device.startswith("cuda")
+    torch: Any = None
+    device_base = 0
+    if cuda:
+        import torch
+
+        torch.cuda.init()
+        free, total = torch.cuda.mem_get_info(device)
+        device_base = total - free
+        torch.cuda.reset_peak_memory_stats(device)
+    proc = psutil.Process()
+    baseline = proc.memory_info().rss / 2**20
+    peak_reset = reset_peak_rss()
+    post = PostprocessConfig(**spec["post"])
+    paths = [Path(p) for p in spec["image_paths"]]
+    batch = int(spec["batch"])
+    device_peak = 0
+    runner = create_runner(
+        spec["engine"],
+        spec["model_path"],
+        device=device,
+        precision=spec["precision"],
+        threads=spec["threads"],
+        options=spec.get("options") or {},
+    )
+    with runner:
+        loaded = proc.memory_info().rss / 2**20
+        calls = 0
+        for _ in range(int(spec["rounds"])):
+            for start in range(0, len(paths), batch):
+                images = [read_image(p) for p in paths[start : start + batch]]
+                dets = [runner.infer(images[0])] if len(images) == 1 else runner.infer_batch(images)
+                for det in dets:
+                    postprocess(det, post)
+                calls += 1
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    free, total = torch.cuda.mem_get_info(device)
+                    device_peak = max(device_peak, total - free)
+    out: dict[str, Any] = {
+        "engine": spec.get("label", spec["engine"]),
+        "pid": os.getpid(),
+        "calls": calls,
+        "baseline_rss_mb": round(baseline, 1),
+        "loaded_rss_mb": round(loaded, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "peak_since": "baseline (high-water mark reset after imports)" if peak_reset else "process start",
+    }
+    out["peak_over_baseline_mb"] = round(out["peak_rss_mb"] - baseline, 1)
+    if cuda:
+        out["cuda_torch_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["cuda_device_used_peak_over_baseline_mb"] = round((device_peak - device_base) / 2**20, 1)
+    return out
+
+
+def probe_memory(spec: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Run :func:`measure_memory` for ``spec`` in a fresh Python process and return its report.
+
+    Failures do not raise: the report then holds ``"error"`` (one line) so the latency results survive.
+    """
+    cmd = [sys.executable, "-m", "cellseg_deploy.bench.memory"]
+    try:
+        proc = subprocess.run(
+            cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            "engine": spec.get("label", spec["engine"]),
+            "error": f"memory probe timed out after {timeout_s:.0f} s",
+        }
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARKER):
+            result: dict[str, Any] = json.loads(line[len(MARKER) :])
+            return result
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    return {
+        "engine": spec.get("label", spec["engine"]),
+        "error": f"memory probe exited with code {proc.returncode}: {tail}",
+    }
+
+
+def _main() -> int:
+    spec = json.loads(sys.stdin.read())
+    result = measure_memory(spec)
+    sys.stdout.write(MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -1,0 +1,269 @@
+"""Which model file each benchmarked engine reads, and where benchmark models come from.
+
+Each runner declares the files it reads (:attr:`Runner.model_suffixes`). :func:`resolve_engine_models` maps
+every engine to exactly one file:
+
+1. an explicit file (``--model-for ENGINE=PATH``), checked by the runner (one-line error when it does not fit);
+2. else the checkpoint (``--model CKPT``) when the runner reads checkpoints (``.pt``);
+3. else a file exported from the checkpoint into a cache folder, when an exporter for that kind of file is
+   known (:data:`EXPORTERS`: the single ONNX graph, and the stage folder that ``staged-onnx`` reads and from
+   which ``trt`` builds its engines with its ``rebuild`` option), reused while the checkpoint is unchanged;
+4. else a one-line :class:`~cellseg_deploy.errors.ModelFileError` saying which flag to pass.
+
+:func:`build_untrained_checkpoint` makes random-weight models whose detection count is fixed: a
+benchmark's cost grows with the number of detections (the mask head runs once per detection, and pasting
+and RLE encoding once per instance), so latency measured on an untrained model means something only when
+that number is controlled. With ``score_thresh = 0`` every candidate survives the score filter, and
+``detections_per_img = K`` caps the survivors of per-class NMS at ``K``; a random-weight model has far more
+than ``K`` candidates (up to ``rpn_post_nms_top_n_test`` proposals x 4 classes), so it returns exactly
+``K`` detections on every image, on every backend. The benchmark records the count it actually got.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cellseg_deploy.errors import ConfigError, ModelFileError, UserError
+from cellseg_deploy.io_utils import sha256_file
+from cellseg_deploy.runners import get_runner_class
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How to make a model file of one kind from a checkpoint.
+
+    Attributes:
+        suffix: the runner suffix it serves (``".onnx"``, or ``"/"`` for a folder).
+        module / function: ``function(checkpoint: Path, out: Path)`` in ``module`` (imported lazily).
+        filename: the file or folder name written inside the cache folder.
+        complete: for a folder, a file inside it whose presence marks a finished export.
+    """
+
+    suffix: str
+    module: str
+    function: str
+    filename: str
+    complete: str | None = None
+
+
+EXPORTERS: tuple[Exporter, ...] = (
+    Exporter(".onnx", "cellseg_deploy.export.onnx_export", "export_onnx", "model.onnx"),
+    Exporter("/", "cellseg_deploy.export.staged", "export_staged", "stages", complete="manifest.json"),
+)
+"""Exporters the benchmark may call on its own, by the model file kind a runner reads."""
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """The model file one engine reads in a benchmark.
+
+    Attributes:
+        engine: runner name.
+        path: the file or folder.
+        source: ``"given"`` (``--model-for``), ``"checkpoint"`` (``--model``) or ``"exported"`` (made here
+            from the checkpoint, see :attr:`note`).
+        sha256: SHA-256 of the file (``None`` for a folder).
+        note: how it was obtained, for the report.
+    """
+
+    engine: str
+    path: Path
+    source: str
+    sha256: str | None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def parse_model_for(items: list[str] | tuple[str, ...]) -> dict[str, Path]:
+    """``["onnx=models/x.onnx", ...]`` -> ``{"onnx": Path("models/x.onnx")}``; malformed items raise UserError."""
+    out: dict[str, Path] = {}
+    for item in items:
+        engine, sep, path = item.partition("=")
+        engine, path = engine.strip(), path.strip()
+        if not sep or not engine or not path:
+            raise UserError(f"--model-for expects ENGINE=PATH (e.g. onnx=models/tiny.onnx), got {item!r}")
+        if engine in out:
+            raise UserError(f"--model-for names engine {engine!r} twice ({out[engine]} and {path})")
+        out[engine] = Path(path)
+    return out
+
+
+def _file_sha(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+def _describe(suffixes: tuple[str, ...]) -> str:
+    return " or ".join("a folder" if s == "/" else f"a {s} file" for s in suffixes) or "a model file"
+
+
+def check_checkpoint_path(checkpoint: Path) -> None:
+    """Raise :class:`ModelFileError` unless ``checkpoint`` is an existing ``.pt``/``.pth`` file."""
+    if checkpoint.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ModelFileError(
+            f"--model takes a checkpoint (.pt), got {checkpoint}; pass exported files with --model-for ENGINE=PATH"
+        )
+    if not checkpoint.is_file():
+        raise ModelFileError(f"checkpoint {checkpoint} does not exist")
+
+
+def resolve_engine_models(
+    engines: list[str] | tuple[str, ...],
+    *,
+    checkpoint: Path | None = None,
+    model_for: Mapping[str, Path] | None = None,
+    cache_dir: Path | None = None,
+    exporters: tuple[Exporter, ...] = EXPORTERS,
+    on_export: Callable[[str], None] | None = None,
+) -> dict[str, EngineModel]:
+    """Map every engine to the model file it reads (see the module docstring for the order of choice).
+
+    Args:
+        engines: runner names (already checked by :func:`~cellseg_deploy.runners.parse_engines`).
+        checkpoint: a cellseg-deploy checkpoint (``.pt``), optional when every engine has a file.
+        model_for: explicit files per engine.
+        cache_dir: where exported files go (``<cache_dir>/<checkpoint sha256[:16]>/<filename>``); required
+            only when something must be exported.
+        on_export: called with a one-line message each time a file is exported or reused from the cache.
+
+    Raises:
+        ModelFileError: a file that does not exist or does not fit its engine, or an engine left without one.
+        UserError: ``model_for`` names an engine that is not benchmarked.
+    """
+    model_for = dict(model_for or {})
+    extra = sorted(set(model_for) - set(engines))
+    if extra:
+        raise UserError(
+            f"--model-for names engine(s) {extra} that are not benchmarked (--engine {','.join(engines)})"
+        )
+    if checkpoint is not None:
+        check_checkpoint_path(checkpoint)
+    ckpt_sha: str | None = None
+    out: dict[str, EngineModel] = {}
+    for engine in engines:
+        cls = get_runner_class(engine)
+        suffixes = tuple(s.lower() for s in cls.model_suffixes)
+        if engine in model_for:
+            path = model_for[engine]
+            cls.check_model_path(path)
+            out[engine] = EngineModel(engine, path, "given", _file_sha(path), "given with --model-for")
+            continue
+        if checkpoint is not None and any(s in suffixes for s in CHECKPOINT_SUFFIXES):
+            cls.check_model_path(checkpoint)
+            ckpt_sha = ckpt_sha or sha256_file(checkpoint)
+            out[engine] = EngineModel(engine, checkpoint, "checkpoint", ckpt_sha, "the checkpoint itself")
+            continue
+        exporter = next((e for e in exporters if e.suffix in suffixes), None)
+        if checkpoint is None or exporter is None:
+            how = f"--model-for {engine}=PATH ({_describe(cls.model_suffixes)})" + (
+                ", or --model CKPT to export one" if exporter is not None else ""
+            )
+            raise ModelFileError(f"engine {engine!r} has no model file; pass {how}")
+        if cache_dir is None:
+            raise ConfigError(
+                f"engine {engine!r} needs a file exported from the checkpoint, but no cache folder was given"
+            )
+        ckpt_sha = ckpt_sha or sha256_file(checkpoint)
+        path, note = export_cached(checkpoint, ckpt_sha, exporter, cache_dir)
+        if on_export is not None:
+            on_export(f"{engine}: {note}")
+        cls.check_model_path(path)
+        out[engine] = EngineModel(engine, path, "exported", _file_sha(path), note)
+    return out
+
+
+def export_cached(
+    checkpoint: Path, checkpoint_sha: str, exporter: Exporter, cache_dir: Path
+) -> tuple[Path, str]:
+    """Export ``checkpoint`` with ``exporter`` into ``cache_dir/<sha[:16]>/``, or reuse an earlier export.
+
+    Returns ``(path, note)`` where the note says which of the two happened.
+    """
+    folder = cache_dir / checkpoint_sha[:16]
+    path = folder / exporter.filename
+    done = path / exporter.complete if exporter.complete else path
+    if done.exists():
+        return path, f"reused {path} exported earlier from {checkpoint} (same SHA-256)"
+    try:
+        func = getattr(importlib.import_module(exporter.module), exporter.function)
+    except (ImportError, AttributeError) as exc:
+        raise ModelFileError(
+            f"cannot export {exporter.filename} from {checkpoint}: {exporter.module}.{exporter.function} is not "
+            f"available ({type(exc).__name__}); pass the file with --model-for"
+        ) from exc
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s from %s into %s", exporter.filename, checkpoint, folder)
+    func(checkpoint, path)
+    if not done.exists():
+        raise ModelFileError(
+            f"exporting {checkpoint} with {exporter.module}.{exporter.function} wrote no {path}"
+        )
+    return path, f"exported {path} from {checkpoint} for this benchmark"
+
+
+def build_untrained_checkpoint(
+    out: Path,
+    arch: str,
+    detections: int,
+    *,
+    min_size: int = 512,
+    max_size: int | None = None,
+    anchor_sizes: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight checkpoint that returns exactly ``detections`` detections per image.
+
+    See the module docstring for why. ``score_thresh`` is 0, ``detections_per_img`` is ``detections``, and
+    the RPN keeps at least ``2 * detections`` proposals after its NMS so enough candidates exist.
+    Weights are drawn with ``torch.manual_seed(seed)``; an existing ``out`` with the same settings is kept.
+
+    Args:
+        out: checkpoint path (``.pt``).
+        arch: architecture name (``cellseg-deploy`` registry).
+        detections: detections per image, ``>= 1``.
+        min_size / max_size: the model's input resizing (short side / long side cap, pixels); ``max_size``
+            defaults to ``2 * min_size`` (the proportions of the model config's defaults).
+        anchor_sizes: an anchor preset name, or ``None`` for the architecture's default.
+        seed: weight initialisation seed.
+    """
+    import torch
+
+    from cellseg_deploy.modeling import ModelConfig, build_model, load_checkpoint, save_checkpoint
+
+    if detections < 1:
+        raise ConfigError(f"detections must be at least 1, got {detections}")
+    config = ModelConfig(
+        arch=arch,
+        min_size=min_size,
+        max_size=max_size if max_size is not None else 2 * min_size,
+        anchor_sizes=anchor_sizes,
+        detections_per_img=detections,
+        score_thresh=0.0,
+        rpn_post_nms_top_n_test=max(1000, 2 * detections),
+        rpn_pre_nms_top_n_test=max(1000, 2 * detections),
+        extra={"purpose": "benchmark: untrained, fixed detection count", "seed": seed},
+    )
+    config.validate()
+    if out.is_file():
+        try:
+            if load_checkpoint(out).model_config == config:
+                return out
+        except UserError:
+            pass
+    torch.manual_seed(seed)
+    model = build_model(config)
+    save_checkpoint(out, model, config)
+    return out

@@ -1,0 +1,540 @@
+"""The latency measurement: several engines, interleaved on the same images, stage by stage.
+
+One *sample* is one call of the whole pipeline on one image (or one batch), timed on the host:
+
+``decode`` (:func:`~cellseg_deploy.data.io.read_image` of the TIFF file; after the warm-up its bytes sit in
+the OS page cache, so this is decoding, not disk) -> ``runner.infer``, split into the runner's own
+``preprocess`` and ``network`` timings (see :class:`~cellseg_deploy.structures.Detections`) and
+``infer_other``, the rest of the call (output conversion and device-to-host copies; for staged runners the
+FP32 host steps between the stages) -> the shared :func:`~cellseg_deploy.postprocess.postprocess`
+(``paste`` and ``rle``). ``other`` is what remains: detection selection and Python overhead. ``total`` is the
+end-to-end wall time of the sample; the stages add up to it exactly. Finer timings a runner reports (one per
+stage and host step of a staged runner) are kept as ``substages``.
+
+Engines are named by runner, optionally with a precision: ``torch``, ``trt:fp16``, ``openvino:bf16``
+(:func:`parse_engine_specs`); without one they run at :attr:`BenchSettings.precision`.
+
+Fairness: all engines are loaded together and run in turn on the same image before moving on (A, B, A, B,
+...); the order flips every round (A, B then B, A) so that neither engine always runs on a cache warmed by
+the other or always first after a pause. Warm-up rounds, interleaved the same way, are excluded. On CUDA the
+device is synchronised before each sample starts and after inference, so no sample carries another's
+queued kernels; the outputs reach post-processing as host arrays, so every device copy is inside the sample.
+
+Memory: the latency process holds every engine at once, so its high-water mark is reported as such
+(``process_peak_rss_mb``); each engine's own peak comes from a fresh process
+(:mod:`cellseg_deploy.bench.memory`), run after the latency phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cellseg_deploy.bench.environment import capture_environment, load_average
+from cellseg_deploy.bench.memory import peak_rss_mb, probe_memory
+from cellseg_deploy.bench.models import EngineModel
+from cellseg_deploy.bench.stats import summarize
+from cellseg_deploy.bench.timing import CudaEventTimer, SyncFn, device_synchronizer
+from cellseg_deploy.bench.workload import Workload
+from cellseg_deploy.errors import ConfigError, UserError
+from cellseg_deploy.postprocess import PostprocessConfig, postprocess
+from cellseg_deploy.runners import Runner, create_runner
+from cellseg_deploy.structures import Detections
+
+SCHEMA = "cellseg-deploy/bench/1"
+STAGES: tuple[str, ...] = ("decode", "preprocess", "network", "infer_other", "paste", "rle", "other")
+"""Stages of one sample, in pipeline order; they sum to the sample's total."""
+
+DEFINITIONS: dict[str, str] = {
+    "total": "end-to-end host wall time of one sample: decode + infer + post-process (device synchronised at both ends)",
+    "decode": "read_image on the TIFF file (bytes in the OS page cache after warm-up): TIFF decoding and RGBA->RGB",
+    "preprocess": "the runner's 'preprocess' timing: host-side input conversion and, on a GPU, the host-to-device copy "
+    "(single-graph runners normalise and resize inside the network)",
+    "network": "the runner's 'network' timing: the model until its outputs exist, synchronised with the device "
+    "(single graph: resize, normalisation, backbone, RPN, heads, NMS; staged runners: the three stage graphs)",
+    "infer_other": "the rest of runner.infer: output conversion and device-to-host copies (torch), and for staged "
+    "runners the FP32 host steps between the stages (rpn_post, box_post, mask_post in substages)",
+    "paste": "postprocess: pasting each mask into its box window at the original resolution (host, OpenCV)",
+    "rle": "postprocess: COCO RLE encoding of each pasted mask (host, pycocotools)",
+    "other": "total minus the stages above: detection selection and Python overhead",
+    "substages": "the runner's finer timings (staged runners: each stage graph, inside network, and each host "
+    "step, inside infer_other); not added to the total",
+    "throughput_ips": "images per second of sequential, single-stream execution: images / sum of sample times",
+    "speedup_vs_torch": "mean (and p50) total latency of the engine named 'torch' divided by this engine's, same run",
+    "process_peak_rss_mb": "RSS high-water mark of the latency process: all engines loaded together, the "
+    "interpreter, every library, the workload",
+    "memory": "per-engine memory from a fresh process running that engine alone (see cellseg_deploy.bench.memory)",
+    "cuda_torch_peak_allocated_mb": "torch.cuda.max_memory_allocated during this engine's samples: torch's "
+    "allocator only (not ONNX Runtime or TensorRT memory)",
+    "cuda_events_infer_ms": "device time on torch's current stream during infer (CUDA events; torch runner only)",
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How to measure.
+
+    Attributes:
+        engines: engine labels (``runner`` or ``runner:precision``), in the order they run in even rounds.
+        warmup: untimed rounds before measuring (each round runs every engine on every image).
+        iters: measured rounds; exclusive with ``seconds``.
+        seconds: measure whole rounds until this many seconds have passed (at least one round).
+        device: ``"cpu"`` or ``"cuda[:N]"``.
+        precision: precision of engines whose label names none (``fp32``, ``fp16``, ``bf16``, ``int8``).
+        threads: intra-op CPU threads given to every runner (``None``: each backend's default).
+        batch: images per call; ``> 1`` only for runners that really batch (their own ``_infer_batch``).
+        memory: also measure each engine's peak memory in a fresh process.
+        memory_rounds: passes over the workload in each memory probe.
+        post: the post-processing settings (the same for every engine).
+        runner_options: extra backend options per runner name (``{"trt": {"cuda_graphs": True}}``).
+        progress: show a tqdm progress bar.
+    """
+
+    engines: tuple[str, ...]
+    warmup: int = 3
+    iters: int | None = 20
+    seconds: float | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int | None = None
+    batch: int = 1
+    memory: bool = True
+    memory_rounds: int = 2
+    post: PostprocessConfig = field(default_factory=PostprocessConfig)
+    runner_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.engines:
+            raise ConfigError("no engine to benchmark; pass --engine torch,onnx,...")
+        if len(set(self.engines)) != len(self.engines):
+            raise ConfigError(f"an engine is listed twice: {list(self.engines)}")
+        if self.warmup < 0:
+            raise ConfigError(f"warm-up rounds must be 0 or more, got {self.warmup}")
+        if (self.iters is None) == (self.seconds is None):
+            raise ConfigError("give exactly one of iterations (--iters) and a time budget (--seconds)")
+        if self.iters is not None and self.iters < 1:
+            raise ConfigError(f"iterations must be at least 1, got {self.iters}")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ConfigError(f"--seconds must be positive, got {self.seconds}")
+        if self.batch < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch}")
+        if self.memory_rounds < 1:
+            raise ConfigError(f"memory rounds must be at least 1, got {self.memory_rounds}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON."""
+        d = asdict(self)
+        d["engines"] = list(self.engines)
+        return d
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """``"trt:fp16"`` -> ``("trt", "fp16")``; ``"torch"`` -> ``("torch", None)``."""
+    runner, _, precision = label.partition(":")
+    return runner, precision or None
+
+
+def parse_engine_specs(spec: str) -> tuple[str, ...]:
+    """``"torch,trt:fp16"`` -> engine labels, each runner known and each precision one the runner supports.
+
+    Raises:
+        UserError: no engine, an unknown runner, an unsupported precision or a repeated label (one line).
+    """
+    from cellseg_deploy.runners import get_runner_class, list_runners
+
+    labels = tuple(s.strip() for s in spec.split(",") if s.strip())
+    if not labels:
+        raise UserError("no engine given; expected one or more of " + ", ".join(list_runners()))
+    for label in labels:
+        runner, precision = split_label(label)
+        cls = get_runner_class(runner)
+        if precision is not None and precision not in cls.precisions:
+            raise UserError(
+                f"engine {label!r}: runner {runner!r} does not support precision {precision!r}; "
+                f"expected one of {list(cls.precisions)}"
+            )
+    if len(set(labels)) != len(labels):
+        raise UserError(f"an engine is listed twice: {list(labels)}")
+    return labels
+
+
+def parse_runner_options(
+    items: list[str] | tuple[str, ...], labels: tuple[str, ...]
+) -> dict[str, dict[str, str]]:
+    """``["trt.cuda_graphs=true"]`` -> ``{"trt": {"cuda_graphs": "true"}}`` (values stay strings; each runner
+    parses its own). The runner must be one of the benchmarked engines'.
+
+    Raises:
+        UserError: an item not of the form ``RUNNER.KEY=VALUE``, or a runner that is not benchmarked.
+    """
+    runners = {split_label(label)[0] for label in labels}
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        target, sep, value = item.partition("=")
+        runner, dot, key = target.partition(".")
+        if not sep or not dot or not runner or not key:
+            raise UserError(f"--option expects RUNNER.KEY=VALUE (e.g. trt.cuda_graphs=true), got {item!r}")
+        if runner not in runners:
+            raise UserError(
+                f"--option {item!r}: runner {runner!r} is not benchmarked (--engine {','.join(labels)})"
+            )
+        out.setdefault(runner, {})[key] = value
+    return out
+
+
+@dataclass
+class _Sample:
+    engine: str
+    round: int
+    images: tuple[int, ...]
+    total_s: float
+    stages: dict[str, float]
+    substages: dict[str, float]
+    detections: int
+    instances: int
+    cuda_torch_peak: int | None = None
+    cuda_events_s: float | None = None
+
+
+class _Pipeline:
+    """One engine's full pipeline on one sample, timed."""
+
+    def __init__(self, label: str, runner: Runner, settings: BenchSettings, sync: SyncFn) -> None:
+        from cellseg_deploy.data.io import read_image
+
+        self.label = label
+        self.runner = runner
+        self.post = settings.post
+        self.sync = sync
+        self.read_image = read_image
+        self.cuda = settings.device.startswith("cuda") and "torch" in sys.modules
+        self.device = settings.device
+        self.events = self.cuda and runner.name == "torch"
+
+    def run(self, paths: list[Path], round_index: int, images: tuple[int, ...]) -> _Sample:
+        """Decode, infer and post-process ``paths`` once; the timed record of it."""
+        torch: Any = sys.modules.get("torch") if self.cuda else None
+        if torch is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timer = CudaEventTimer() if self.events else None
+        self.sync()
+        t0 = time.perf_counter()
+        arrays = [self.read_image(p) for p in paths]
+        t1 = time.perf_counter()
+        if timer is not None:
+            timer.start()
+        dets: list[Detections] = (
+            [self.runner.infer(arrays[0])] if len(arrays) == 1 else self.runner.infer_batch(arrays)
+        )
+        if timer is not None:
+            timer.stop()
+        self.sync()
+        t2 = time.perf_counter()
+        insts = [postprocess(det, self.post) for det in dets]
+        t3 = time.perf_counter()
+        stages, sub = _stage_times(dets, t1 - t0, t2 - t1, t3 - t0)
+        return _Sample(
+            engine=self.label,
+            round=round_index,
+            images=images,
+            total_s=t3 - t0,
+            stages=stages,
+            substages=sub,
+            detections=sum(len(d) for d in dets),
+            instances=sum(len(i) for i in insts),
+            cuda_torch_peak=int(torch.cuda.max_memory_allocated(self.device)) if torch is not None else None,
+            cuda_events_s=timer.elapsed_s() if timer is not None else None,
+        )
+
+
+def _stage_times(
+    dets: list[Detections], decode_s: float, infer_s: float, total_s: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Split a sample into :data:`STAGES` (summing to ``total_s``) plus the runners' finer timings.
+
+    ``infer_s`` is the wall time of the runner call; ``infer_other`` is what its ``preprocess`` and
+    ``network`` timings leave of it.
+    """
+    own = ("preprocess", "network")
+    stages = dict.fromkeys(STAGES, 0.0)
+    stages["decode"] = decode_s
+    sub: dict[str, float] = {}
+    for det in dets:
+        for key, value in det.timings.items():
+            if key in own or key in ("paste", "rle"):
+                stages[key] += float(value)
+            else:
+                sub[key] = sub.get(key, 0.0) + float(value)
+    stages["infer_other"] = max(infer_s - stages["preprocess"] - stages["network"], 0.0)
+    stages["other"] = max(total_s - sum(v for k, v in stages.items() if k != "other"), 0.0)
+    return stages, sub
+
+
+def _check_batching(label: str, runner: Runner, batch: int) -> None:
+    if batch > 1 and type(runner)._infer_batch is Runner._infer_batch:
+        raise UserError(
+            f"engine {label!r} runs images one at a time, so --batch {batch} would only loop over them; use --batch 1"
+        )
+
+
+def _batches(n_images: int, batch: int) -> list[tuple[int, ...]]:
+    """Workload indices grouped into full batches (the workload is cycled to fill the last one)."""
+    if batch == 1:
+        return [(i,) for i in range(n_images)]
+    n_batches = max(1, -(-n_images // batch))
+    flat = [i % n_images for i in range(n_batches * batch)]
+    return [tuple(flat[k : k + batch]) for k in range(0, len(flat), batch)]
+
+
+def run_benchmark(
+    settings: BenchSettings,
+    models: dict[str, EngineModel],
+    workload: Workload,
+) -> dict[str, Any]:
+    """Measure every engine in ``settings.engines`` on ``workload`` and return the result (JSON-ready dict).
+
+    The result holds ``schema``, ``created``, ``settings``, ``workload``, ``environment`` (captured after the
+    engines loaded, so thread settings are the ones in force), ``load_average_after``, ``definitions`` (what
+    each number includes), ``engines`` (per engine: ``info``, ``model``, ``latency`` summary of the totals,
+    ``stages`` and ``substages`` summaries, ``stage_mean_ms``, ``detections_per_image``,
+    ``instances_per_image``, ``per_image``, ``samples_ms``, ``memory``, ``speedup_vs_torch``),
+    ``process_peak_rss_mb`` and ``warnings``. Times are milliseconds.
+
+    Raises:
+        UserError: a runner that cannot load, an engine without a model, ``--batch`` on a runner that does
+            not batch.
+    """
+    missing = [e for e in settings.engines if e not in models]
+    if missing:
+        raise UserError(f"no model file for engine(s) {missing}")
+    if not workload.images:
+        raise UserError("the workload has no images")
+    sync = device_synchronizer(settings.device)
+    batches = _batches(len(workload.images), settings.batch)
+    paths = [im.path for im in workload.images]
+    load_before = load_average()
+    samples: list[_Sample] = []
+    infos: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        pipelines: dict[str, _Pipeline] = {}
+        for label in settings.engines:
+            runner_name, precision = split_label(label)
+            runner = create_runner(
+                runner_name,
+                models[label].path,
+                device=settings.device,
+                precision=precision or settings.precision,
+                threads=settings.threads,
+                options=_runner_options(runner_name, settings),
+            )
+            stack.enter_context(runner)
+            _check_batching(label, runner, settings.batch)
+            infos[label] = runner.info()
+            pipelines[label] = _Pipeline(label, runner, settings, sync)
+        environment = capture_environment(settings.device, settings.threads)
+        environment["load_average"] = load_before
+        total_calls = (
+            None
+            if settings.iters is None
+            else (settings.warmup + settings.iters) * len(batches) * len(pipelines)
+        )
+        bar = tqdm(
+            total=total_calls,
+            desc="bench " + ",".join(settings.engines),
+            unit="call",
+            disable=not settings.progress,
+            leave=False,
+        )
+        with bar:
+            for r in range(settings.warmup):
+                for idx in batches:
+                    for label in _round_order(settings.engines, r):
+                        pipelines[label].run([paths[i] for i in idx], -1, idx)
+                        bar.update(1)
+            start = time.perf_counter()
+            r = 0
+            while True:
+                for idx in batches:
+                    for label in _round_order(settings.engines, r):
+                        samples.append(pipelines[label].run([paths[i] for i in idx], r, idx))
+                        bar.update(1)
+                r += 1
+                if settings.iters is not None and r >= settings.iters:
+                    break
+                if settings.seconds is not None and time.perf_counter() - start >= settings.seconds:
+                    break
+        measured_s = time.perf_counter() - start
+    process_peak = peak_rss_mb()
+    memory: dict[str, dict[str, Any]] = {}
+    if settings.memory:
+        for label in settings.engines:
+            memory[label] = probe_memory(_memory_spec(label, models[label], settings, paths))
+    result = _assemble(settings, models, workload, samples, infos, memory, environment, r, measured_s)
+    result["process_peak_rss_mb"] = round(process_peak, 1)
+    result["load_average_after"] = load_average()
+    result["warnings"] = _warnings(result)
+    return result
+
+
+def _round_order(engines: tuple[str, ...], r: int) -> tuple[str, ...]:
+    return engines if r % 2 == 0 else tuple(reversed(engines))
+
+
+def _runner_options(runner_name: str, settings: BenchSettings) -> dict[str, Any]:
+    options = dict(settings.runner_options.get(runner_name, {}))
+    if settings.batch > 1:
+        options.setdefault("max_batch", settings.batch)
+    return options
+
+
+def _memory_spec(
+    label: str, model: EngineModel, settings: BenchSettings, paths: list[Path]
+) -> dict[str, Any]:
+    runner_name, precision = split_label(label)
+    return {
+        "engine": runner_name,
+        "label": label,
+        "model_path": str(model.path),
+        "device": settings.device,
+        "precision": precision or settings.precision,
+        "threads": settings.threads,
+        "batch": settings.batch,
+        "options": _runner_options(runner_name, settings),
+        "image_paths": [str(p) for p in paths],
+        "rounds": settings.memory_rounds,
+        "post": asdict(settings.post),
+    }
+
+
+def _count_stats(values: list[int]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max())}
+
+
+def _assemble(
+    settings: BenchSettings,
+    models: dict[str, EngineModel],
+    workload: Workload,
+    samples: list[_Sample],
+    infos: dict[str, dict[str, Any]],
+    memory: dict[str, dict[str, Any]],
+    environment: dict[str, Any],
+    rounds: int,
+    measured_s: float,
+) -> dict[str, Any]:
+    engines: dict[str, Any] = {}
+    for name in settings.engines:
+        mine = [s for s in samples if s.engine == name]
+        per_sample_images = settings.batch
+        latency = summarize([s.total_s for s in mine], per_sample_images)
+        stages = {k: summarize([s.stages[k] for s in mine], per_sample_images) for k in STAGES}
+        sub_keys = sorted({k for s in mine for k in s.substages})
+        substages = {
+            k: summarize([s.substages.get(k, 0.0) for s in mine], per_sample_images) for k in sub_keys
+        }
+        per_image = []
+        for i, im in enumerate(workload.images):
+            own = [s for s in mine if s.images == (i,)] if settings.batch == 1 else []
+            if not own:
+                continue
+            per_image.append(
+                {
+                    "image": im.name,
+                    "height": im.height,
+                    "width": im.width,
+                    "cells": im.cells,
+                    "detections": _count_stats([s.detections for s in own])["mean"],
+                    "instances": _count_stats([s.instances for s in own])["mean"],
+                    "latency": summarize([s.total_s for s in own]).to_dict(),
+                    "stage_mean_ms": {k: float(np.mean([s.stages[k] for s in own]) * 1e3) for k in STAGES},
+                }
+            )
+        entry: dict[str, Any] = {
+            "info": infos[name],
+            "model": models[name].to_dict(),
+            "latency": latency.to_dict(),
+            "stages": {k: v.to_dict() for k, v in stages.items()},
+            "stage_mean_ms": {k: v.mean_ms for k, v in stages.items()},
+            "substages": {k: v.to_dict() for k, v in substages.items()},
+            "detections_per_image": _count_stats([s.detections for s in mine])
+            if settings.batch == 1
+            else {k: v / settings.batch for k, v in _count_stats([s.detections for s in mine]).items()},
+            "instances_per_image": _count_stats([s.instances for s in mine])
+            if settings.batch == 1
+            else {k: v / settings.batch for k, v in _count_stats([s.instances for s in mine]).items()},
+            "per_image": per_image,
+            "samples_ms": [round(s.total_s * 1e3, 4) for s in mine],
+            "memory": memory.get(name, {"skipped": "memory probes were not asked for"}),
+            "speedup_vs_torch": None,
+            "cuda_graphs": bool(infos[name].get("cuda_graphs", False)),
+        }
+        peaks = [s.cuda_torch_peak for s in mine if s.cuda_torch_peak is not None]
+        if peaks:
+            entry["cuda_torch_peak_allocated_mb"] = round(max(peaks) / 2**20, 1)
+        events = [s.cuda_events_s for s in mine if s.cuda_events_s is not None]
+        if events:
+            entry["cuda_events_infer_ms"] = summarize(events, per_sample_images).to_dict()
+        engines[name] = entry
+    if "torch" in engines:
+        ref = engines["torch"]["latency"]
+        for entry in engines.values():
+            lat = entry["latency"]
+            entry["speedup_vs_torch"] = {
+                "mean": ref["mean_ms"] / lat["mean_ms"] if lat["mean_ms"] > 0 else None,
+                "p50": ref["p50_ms"] / lat["p50_ms"] if lat["p50_ms"] > 0 else None,
+            }
+    return {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings.to_dict(),
+        "rounds_measured": rounds,
+        "measured_seconds": round(measured_s, 3),
+        "latency_unit": f"per batch of {settings.batch} images" if settings.batch > 1 else "per image",
+        "timing_method": "host wall clock (time.perf_counter); device synchronised before each sample and after "
+        "inference; warm-up excluded; engines interleaved, order flipped every round",
+        "workload": workload.to_dict(),
+        "environment": environment,
+        "definitions": DEFINITIONS,
+        "engines": engines,
+    }
+
+
+def _warnings(result: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    cores = (
+        result["environment"]["cpu"].get("usable_cores")
+        or result["environment"]["cpu"].get("logical_cores")
+        or 1
+    )
+    for when, load in (
+        ("before", result["environment"].get("load_average")),
+        ("after", result.get("load_average_after")),
+    ):
+        if load and load[0] > cores:
+            out.append(
+                f"the machine was busy {when} the run (1-min load average {load[0]} on {cores} cores): "
+                "latencies are inflated and noisy; rerun on a quiet machine"
+            )
+    n = min(e["latency"]["n"] for e in result["engines"].values())
+    if n < 10:
+        out.append(f"only {n} samples per engine: p90/p99 are not meaningful; use more --iters or --seconds")
+    for name, e in result["engines"].items():
+        if e["detections_per_image"]["max"] == 0:
+            out.append(
+                f"engine {name!r} produced no detections: the mask head, pasting and RLE did not run, so its "
+                "latency understates real work; use a trained model or --untrained ARCH"
+            )
+        if "error" in e["memory"]:
+            out.append(f"memory probe for {name!r} failed: {e['memory']['error']}")
+    return out

@@ -1,0 +1,88 @@
+"""``cellseg-deploy data``: synthesise, check and convert datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cellseg_deploy.cli.common import json_option, write_json_result
+
+
+@click.group()
+def data() -> None:
+    """Make, validate and convert datasets in the competition layout."""
+
+
+@data.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--train", "n_train", type=int, default=48, show_default=True, help="Training images.")
+@click.option("--test", "n_test", type=int, default=8, show_default=True, help="Test images (with COCO ground truth).")
+@click.option("--min-size", type=int, default=160, show_default=True, help="Smallest image side (px).")
+@click.option("--max-size", type=int, default=320, show_default=True, help="Largest image side (px).")
+@click.option("--min-cells", type=int, default=15, show_default=True, help="Fewest cells per image.")
+@click.option("--max-cells", type=int, default=80, show_default=True, help="Most cells per image (density).")
+@click.option("--extremes/--no-extremes", default=False, show_default=True,
+              help="Add a ~40 px image, a 1100x1300 dense image and one whose IDs pass 255.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same bytes.")
+@json_option
+def synth(out: Path, n_train: int, n_test: int, min_size: int, max_size: int, min_cells: int, max_cells: int,
+          extremes: bool, seed: int, json_path: Path | None) -> None:
+    """Write synthetic microscopy in the exact competition format to OUT.
+
+    \b
+    Example:
+        cellseg-deploy data synth data/synth --train 48 --test 8 --seed 0
+        cellseg-deploy data synth data/hard --extremes --max-cells 300
+    """
+    from cellseg_deploy.data.synth import SynthConfig, describe, make_synthetic_dataset
+
+    config = SynthConfig(n_train=n_train, n_test=n_test, min_size=min_size, max_size=max_size,
+                         min_cells=min_cells, max_cells=max_cells, seed=seed, extremes=extremes)
+    summary = make_synthetic_dataset(out, config)
+    click.echo(describe(summary))
+    write_json_result(json_path, summary.to_dict())
+
+
+@data.command("check")
+@click.argument("root", type=click.Path(path_type=Path))
+@json_option
+def check(root: Path, json_path: Path | None) -> None:
+    """Validate the dataset at ROOT and print its statistics; exit 1 if it has defects.
+
+    \b
+    Example:
+        cellseg-deploy data check data/synth --json check.json
+    """
+    from cellseg_deploy.data.check import check_dataset
+    from cellseg_deploy.errors import CheckFailed
+
+    report = check_dataset(root)
+    click.echo(report.text())
+    for line in report.defects:
+        click.echo(f"defect: {line}", err=True)
+    write_json_result(json_path, report.to_dict())
+    if report.defects:
+        raise CheckFailed(f"{len(report.defects)} defect(s) in {root}")
+
+
+@data.command("to-coco")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="COCO JSON to write.")
+@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True,
+              help="all = every training image; train/val = the seeded split; test = the synthetic test ground truth.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of training images in val.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+def to_coco(root: Path, out: Path, split: str, val_fraction: float, seed: int) -> None:
+    """Write COCO instance annotations (RLE masks) of a dataset split.
+
+    \b
+    Example:
+        cellseg-deploy data to-coco data/synth --out data/synth/val.json --split val
+    """
+    from cellseg_deploy.data.coco import dataset_to_coco
+    from cellseg_deploy.io_utils import atomic_write_json
+
+    gt = dataset_to_coco(root, split, val_fraction=val_fraction, seed=seed)
+    atomic_write_json(out, gt, indent=None)
+    click.echo(f"wrote {out}: {len(gt['images'])} images, {len(gt['annotations'])} instances ({split})")

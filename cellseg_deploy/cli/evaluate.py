@@ -1,0 +1,242 @@
+"""``cellseg-deploy eval`` and ``cellseg-deploy predict``: thin commands over :mod:`cellseg_deploy.evaluation`.
+
+Exit codes: 0 success; 1 ``predict`` skipped unreadable images (the submission was still written, the
+skipped images are named); 2 bad usage or bad input (``predict --strict`` stops at the first unreadable
+image with 2, nothing written).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cellseg_deploy.cli.common import F, json_option, write_json_result
+
+_ENGINE_HELP = (
+    "Runner to use (a registered name: torch, onnx, staged-onnx, trt, ...). Default: from the model file "
+    "(.pt -> torch, .onnx -> onnx, folder or manifest -> staged-onnx)."
+)
+
+
+def _runner_options(func: F) -> F:
+    """``--engine --device --precision --threads``, shared by eval and predict."""
+    func = click.option(
+        "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the runner."
+    )(func)
+    func = click.option(
+        "--precision", default="fp32", show_default=True, help="Runner precision: fp32, fp16, bf16, int8."
+    )(func)
+    func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(func)
+    func = click.option("--engine", default=None, metavar="NAME", help=_ENGINE_HELP)(func)
+    return func
+
+
+def _post_options(func: F) -> F:
+    """``--score-thresh --mask-thresh``: the shared post-processing."""
+    func = click.option(
+        "--mask-thresh",
+        type=click.FloatRange(0.0, 1.0, max_open=True),
+        default=0.5,
+        show_default=True,
+        help="A pixel is in the mask when its pasted probability is above this.",
+    )(func)
+    func = click.option(
+        "--score-thresh",
+        type=click.FloatRange(0.0, 1.0),
+        default=0.0,
+        show_default=True,
+        help="Drop detections scoring below this (the model applies its own score_thresh first).",
+    )(func)
+    return func
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--data",
+    "data_root",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Dataset root (train/, test_release/, test_image_name_to_ids.json, test_ground_truth.json).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["val", "test", "train", "all"]),
+    default="val",
+    show_default=True,
+    help="val/train: the seeded split of train/; all: all of train/; test: test_release/ vs test_ground_truth.json.",
+)
+@click.option(
+    "--max-dets",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="COCOeval's cap: detections scored per image and category (highest scores first).",
+)
+@_post_options
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Fraction of train/ held out as val (as in training).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option(
+    "--iou",
+    "iou_types",
+    default="segm,bbox",
+    show_default=True,
+    help="IoU types to score: segm, bbox or both.",
+)
+@_runner_options
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
+)
+@json_option
+def eval_cmd(
+    model: Path,
+    data_root: Path,
+    split: str,
+    max_dets: int,
+    score_thresh: float,
+    mask_thresh: float,
+    val_fraction: float,
+    seed: int,
+    iou_types: str,
+    engine: str | None,
+    device: str,
+    precision: str,
+    threads: int | None,
+    progress: bool,
+    json_path: Path | None,
+) -> None:
+    """COCO segm and bbox AP, AP50, AP75 and per-class AP50 of MODEL on a dataset split, with any runner.
+
+    MODEL is a checkpoint (.pt), an exported .onnx file, a stage folder or an engine manifest. The table
+    states the detection cap used (COCOeval keeps at most --max-dets detections per image and category);
+    the model's own cap (detections_per_img, fixed in the checkpoint and baked into exports) applies first.
+
+    \b
+    Examples:
+        cellseg-deploy eval runs/r50/best.pt --data data/hw3 --split val
+        cellseg-deploy eval models/r50.onnx --data data/hw3 --split test --max-dets 300 --json eval.json
+    """
+    from cellseg_deploy.evaluation.predict import evaluate_model
+
+    types = tuple(t.strip() for t in iou_types.split(",") if t.strip())
+    result = evaluate_model(
+        model,
+        engine,
+        data_root,
+        split,
+        max_dets=max_dets,
+        score_thresh=score_thresh,
+        mask_thresh=mask_thresh,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+        precision=precision,
+        threads=threads,
+        iou_types=types,
+        progress=progress,
+    )
+    click.echo(result.table())
+    write_json_result(json_path, result.to_dict())
+
+
+@click.command("predict")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--ids",
+    "ids_map",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Id map (test_image_name_to_ids.json). Default: IMAGES_DIR/../test_image_name_to_ids.json if it "
+    "exists, else ids 1..N in sorted file-name order.",
+)
+@click.option(
+    "--out",
+    "out_zip",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Submission zip to write; test-results.json is also written beside it.",
+)
+@click.option(
+    "--overlays",
+    "overlays_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write one PNG per image with the predicted masks coloured by class.",
+)
+@click.option(
+    "--strict", is_flag=True, help="Stop (exit 2) at the first unreadable image instead of skipping it."
+)
+@_post_options
+@click.option(
+    "--max-per-image",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep at most this many detections per image (highest scores). Default: all the model returns.",
+)
+@_runner_options
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
+)
+@json_option
+def predict_cmd(
+    model: Path,
+    images_dir: Path,
+    ids_map: Path | None,
+    out_zip: Path,
+    overlays_dir: Path | None,
+    strict: bool,
+    score_thresh: float,
+    mask_thresh: float,
+    max_per_image: int | None,
+    engine: str | None,
+    device: str,
+    precision: str,
+    threads: int | None,
+    progress: bool,
+    json_path: Path | None,
+) -> None:
+    """Predict every image in IMAGES_DIR and write the competition submission (zip + test-results.json).
+
+    IMAGES_DIR is test_release/ (ids from its id map) or any folder of TIFF/PNG images (ids 1..N in
+    sorted file-name order; the output says which). An unreadable image is skipped and named at the end,
+    and the exit code is then 1 (the submission holds the other images); --strict stops at it with exit 2.
+
+    \b
+    Examples:
+        cellseg-deploy predict runs/r50/best.pt data/hw3/test_release --out submission.zip
+        cellseg-deploy predict models/r50.onnx my_images/ --out preds.zip --overlays overlays/
+    """
+    from cellseg_deploy.errors import CheckFailed
+    from cellseg_deploy.evaluation.predict import infer_engine, predict_folder
+    from cellseg_deploy.postprocess import PostprocessConfig
+    from cellseg_deploy.runners.registry import create_runner
+
+    post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=max_per_image)
+    name = engine or infer_engine(model)
+    with create_runner(name, model, device=device, precision=precision, threads=threads) as runner:
+        summary = predict_folder(
+            runner,
+            images_dir,
+            ids_map,
+            out_zip,
+            overlays_dir=overlays_dir,
+            strict=strict,
+            post=post,
+            progress=progress,
+        )
+    click.echo(summary.text())
+    write_json_result(json_path, summary.to_dict())
+    if summary.failed:
+        names = ", ".join(n for n, _ in summary.failed[:5]) + (" ..." if len(summary.failed) > 5 else "")
+        raise CheckFailed(
+            f"{len(summary.failed)} of {summary.num_images} image(s) could not be read and were skipped ({names}); "
+            f"{out_zip} holds the other {summary.num_predicted}"
+        )

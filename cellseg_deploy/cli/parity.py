@@ -1,0 +1,169 @@
+"""``cellseg-deploy parity``: does an exported model find the same cells as its checkpoint?
+
+A thin command over :func:`cellseg_deploy.evaluation.parity.run_parity`. Exit codes: 0 parity holds; 1 it
+does not (the table and the JSON report say what differed); 2 bad usage or unusable inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cellseg_deploy.cli.common import json_option, write_json_result
+from cellseg_deploy.errors import CheckFailed
+
+
+@click.command("parity")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--candidate",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The model to check: an .onnx file, a stage folder, an engine manifest, ...",
+)
+@click.option(
+    "--engine",
+    default="onnx",
+    show_default=True,
+    metavar="NAME",
+    help="The candidate's runner (onnx, staged-onnx, trt, ...).",
+)
+@click.option(
+    "--reference-engine",
+    default="torch",
+    show_default=True,
+    metavar="NAME",
+    help="The reference's runner (CHECKPOINT is read by it).",
+)
+@click.option(
+    "--data",
+    "data_root",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Dataset root in the competition layout (train/<id>/image.tif + classK.tif, ...).",
+)
+@click.option(
+    "--images", type=click.IntRange(min=1), default=None, help="Compare only the first N images of the split."
+)
+@click.option(
+    "--split",
+    type=click.Choice(["val", "train", "all", "test"]),
+    default="val",
+    show_default=True,
+    help="Which images: the seeded val split of train/ (as in training), train, all, or test.",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="Tolerance profile, by the candidate's precision (also the candidate runner's precision).",
+)
+@click.option(
+    "--tol",
+    "tols",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one limit of the profile, e.g. --tol max_box_diff=1.0 --tol min_ap50_vs_ref=0.97 (repeatable).",
+)
+@click.option(
+    "--score-thresh",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Instances scoring at least this must agree (matching itself sees every detection).",
+)
+@click.option(
+    "--min-iou",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Mask IoU a same-class pair needs to count as the same instance.",
+)
+@click.option(
+    "--device", default="cpu", show_default=True, help="Device of both runners: cpu, cuda or cuda:N."
+)
+@click.option("--candidate-device", default=None, help="Device of the candidate, if other than --device.")
+@click.option(
+    "--precision",
+    "candidate_precision",
+    default=None,
+    help="The candidate runner's precision (default: the profile's if the runner has it, else fp32).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for each runner.")
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Fraction of train/ held out as val (as in training).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
+)
+@json_option
+def parity_cmd(
+    checkpoint: Path,
+    candidate: Path,
+    engine: str,
+    reference_engine: str,
+    data_root: Path,
+    images: int | None,
+    split: str,
+    profile: str,
+    tols: tuple[str, ...],
+    score_thresh: float,
+    min_iou: float,
+    device: str,
+    candidate_device: str | None,
+    candidate_precision: str | None,
+    threads: int | None,
+    val_fraction: float,
+    seed: int,
+    progress: bool,
+    json_path: Path | None,
+) -> None:
+    """Compare CANDIDATE's instances with CHECKPOINT's (PyTorch) on a dataset split, image by image.
+
+    Instances are matched by class and mask IoU (optimal assignment, against the other side's full list, so a
+    score crossing the threshold is a score difference, not a miss); the table gives matched, missed and extra
+    instances, box, score and mask IoU differences and the candidate's AP50 against the reference's
+    predictions, then each check of the tolerance profile. Exit 1 when a check fails.
+
+    \b
+    Examples:
+        cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.onnx --data data/hw3 --images 20
+        cellseg-deploy parity runs/r50/best.pt --candidate models/r50-trt/engines.json --engine trt \\
+            --device cuda --profile fp16 --tol max_box_diff=6 --json parity.json
+    """
+    from cellseg_deploy.evaluation.parity import parse_tolerances, run_parity
+
+    report = run_parity(
+        checkpoint,
+        candidate,
+        engine,
+        data_root,
+        images=images,
+        split=split,
+        profile=profile,
+        tolerances=parse_tolerances(tols),
+        reference_engine=reference_engine,
+        score_thresh=score_thresh,
+        min_iou=min_iou,
+        device=device,
+        candidate_device=candidate_device,
+        candidate_precision=candidate_precision,
+        threads=threads,
+        val_fraction=val_fraction,
+        seed=seed,
+        progress=progress,
+    )
+    click.echo(report.table())
+    write_json_result(json_path, report.to_dict())
+    if not report.passed:
+        raise CheckFailed(
+            f"parity ({report.profile.name}) failed: "
+            + "; ".join(f.split(" (limit")[0] for f in report.failures if not f.startswith("note:"))
+        )

@@ -1,0 +1,899 @@
+"""Instance-level parity: does a candidate backend find the same cells as the reference?
+
+Tensor-by-tensor comparison breaks on detection models: two backends may return a different number of
+detections, in another order, and an instance whose score sits at a threshold is kept by one and dropped by
+the other. So parity here compares *instances*, the way a user sees them:
+
+1. Both backends run the same images through the one shared post-processing, keeping **every** detection
+   (no score threshold), so the masks compared were pasted identically.
+2. :func:`compare_instances` pairs reference and candidate instances of the **same class** by mask IoU with an
+   optimal assignment (``scipy.optimize.linear_sum_assignment`` on ``1 - IoU``, ties broken by the closer
+   score); a pair needs ``IoU >= min_iou``. Two *empty* masks (no pixel above the mask threshold) are
+   compared by their boxes instead, so the same empty-mask detection on both sides still matches.
+3. Counting happens **after** matching, against the full lists: a pair counts as *matched* when either side
+   scores ``>= score_thresh``; a reference instance above the threshold with no partner at all is *missed*;
+   a candidate instance above the threshold with no partner is *extra*. An instance at 0.51 in one backend
+   and 0.49 in the other is therefore a match with a score difference of 0.02 (judged by the score
+   tolerance), not a miss plus an extra. This is Polygraphy's lesson: compare against everything the other
+   side produced, then judge the differences by tolerances.
+4. Over matched pairs: box coordinate difference (max and p99, pixels), score difference (max), mask IoU
+   (min, p1, mean); and the segm AP50 of the candidate scored against the reference's predictions
+   (``score >= score_thresh``) as ground truth. With a dataset, also both backends' AP50 against the real
+   ground truth.
+5. A :class:`ToleranceProfile` per precision turns the numbers into a verdict with the reasons that failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellseg_deploy.errors import ConfigError, DataError, UserError
+from cellseg_deploy.structures import Instances
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCORE_THRESH = 0.5
+DEFAULT_MIN_IOU = 0.5
+
+# ----------------------------------------------------------------------------------------------------------
+# Tolerances
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToleranceProfile:
+    """Limits that decide a parity verdict, for the whole run (all images together).
+
+    Fractions are of the reference's instances scoring ``>= score_thresh`` (``extra``: of the candidate's).
+
+    Attributes:
+        name: the profile's name (``fp32``, ``fp16``, ``bf16``, ``int8``, or ``custom``).
+        max_missed_frac: reference instances with no candidate partner.
+        max_extra_frac: candidate instances with no reference partner.
+        strong_iou: the mask IoU that makes a match "strong".
+        min_strong_match_frac: reference instances matched with mask IoU ``>= strong_iou``.
+        min_mask_iou_mean: mean mask IoU of matched pairs.
+        min_mask_iou_p1: 1st percentile of matched pairs' mask IoU.
+        max_box_diff: largest coordinate difference of a matched pair, pixels.
+        max_box_diff_p99: 99th percentile of the pairs' largest coordinate difference, pixels.
+        max_score_diff: largest score difference of a matched pair.
+        min_ap50_vs_ref: segm AP50 of the candidate against the reference's predictions as ground truth.
+        max_ap50_gt_diff: ``|AP50(candidate) - AP50(reference)|`` against the dataset's ground truth.
+    """
+
+    name: str = "fp32"
+    max_missed_frac: float = 0.01
+    max_extra_frac: float = 0.01
+    strong_iou: float = 0.95
+    min_strong_match_frac: float = 0.99
+    min_mask_iou_mean: float = 0.98
+    min_mask_iou_p1: float = 0.90
+    max_box_diff: float = 1.0
+    max_box_diff_p99: float = 0.25
+    max_score_diff: float = 0.01
+    min_ap50_vs_ref: float = 0.98
+    max_ap50_gt_diff: float = 0.002
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name == "name":
+                continue
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"tolerance {f.name}: expected a non-negative number, got {value!r}")
+            if (f.name.endswith("_frac") or "iou" in f.name or "ap50" in f.name) and value > 1:
+                raise ConfigError(f"tolerance {f.name}: expected a value in [0, 1], got {value}")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ToleranceProfile:
+        """A copy with some limits replaced (values may be strings, as from ``--tol key=value``).
+
+        Raises:
+            ConfigError: an unknown key or a value that is not a number.
+        """
+        if not overrides:
+            return self
+        keys = [f.name for f in dataclasses.fields(self) if f.name != "name"]
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in keys:
+                raise ConfigError(f"unknown tolerance {key!r}; expected one of {', '.join(keys)}")
+            try:
+                changes[key] = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"tolerance {key}: expected a number, got {value!r}") from None
+        return dataclasses.replace(self, name=f"{self.name}+custom", **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PROFILES: dict[str, ToleranceProfile] = {
+    # Same arithmetic, different kernels: differences are rounding noise (measured ~1e-4 px, ~1e-5 score).
+    "fp32": ToleranceProfile(),
+    # Half precision in the network (11-bit mantissa): scores move by ~1e-2, boxes by a pixel or two.
+    "fp16": ToleranceProfile(
+        name="fp16",
+        max_missed_frac=0.03,
+        max_extra_frac=0.03,
+        min_strong_match_frac=0.95,
+        min_mask_iou_mean=0.95,
+        min_mask_iou_p1=0.80,
+        max_box_diff=4.0,
+        max_box_diff_p99=1.5,
+        max_score_diff=0.05,
+        min_ap50_vs_ref=0.95,
+        max_ap50_gt_diff=0.01,
+    ),
+    # bfloat16 keeps fp32's range but only an 8-bit mantissa: looser than fp16.
+    "bf16": ToleranceProfile(
+        name="bf16",
+        max_missed_frac=0.05,
+        max_extra_frac=0.05,
+        min_strong_match_frac=0.90,
+        min_mask_iou_mean=0.93,
+        min_mask_iou_p1=0.75,
+        max_box_diff=6.0,
+        max_box_diff_p99=2.0,
+        max_score_diff=0.08,
+        min_ap50_vs_ref=0.93,
+        max_ap50_gt_diff=0.015,
+    ),
+    # Quantised weights and activations.
+    "int8": ToleranceProfile(
+        name="int8",
+        max_missed_frac=0.08,
+        max_extra_frac=0.08,
+        min_strong_match_frac=0.80,
+        min_mask_iou_mean=0.90,
+        min_mask_iou_p1=0.60,
+        max_box_diff=8.0,
+        max_box_diff_p99=3.0,
+        max_score_diff=0.10,
+        min_ap50_vs_ref=0.90,
+        max_ap50_gt_diff=0.02,
+    ),
+}
+"""Tolerance profiles by the candidate's precision (strictest first)."""
+
+
+def get_profile(name: str, overrides: dict[str, Any] | None = None) -> ToleranceProfile:
+    """The named profile with optional overrides; unknown names raise :class:`ConfigError` listing the choices."""
+    if name not in PROFILES:
+        raise ConfigError(f"unknown tolerance profile {name!r}; expected one of {', '.join(PROFILES)}")
+    return PROFILES[name].with_overrides(overrides or {})
+
+
+def parse_tolerances(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["max_box_diff=1.0", ...]`` -> ``{"max_box_diff": "1.0"}``; malformed items raise :class:`ConfigError`."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"tolerance {item!r}: expected KEY=VALUE, e.g. max_box_diff=1.0")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One image
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageParity:
+    """The comparison of one image's instances (see the module docstring for the counting rules).
+
+    Attributes:
+        image_id, name, image_size: which image (``(H, W)``).
+        score_thresh, min_iou, strong_iou: the settings used.
+        n_ref / n_cand: instances scoring ``>= score_thresh`` in the reference / candidate.
+        matched: pairs where either side scores ``>= score_thresh``.
+        missed: reference instances ``>= score_thresh`` with no candidate partner.
+        extra: candidate instances ``>= score_thresh`` with no reference partner.
+        class_changed: missed reference instances that a candidate instance of *another* class covers with
+            ``IoU >= min_iou`` (a label flip rather than a lost cell).
+        strong_matched: reference instances ``>= score_thresh`` matched with ``IoU >= strong_iou``.
+        box_diffs: float64 ``[matched]``, per pair the largest ``|x1|, |y1|, |x2|, |y2|`` difference, pixels.
+        score_diffs: float64 ``[matched]``, ``|score_ref - score_cand|``.
+        ious: float64 ``[matched]``, mask IoU.
+        ap50_vs_ref: segm AP50 of all candidate instances against the reference's ``>= score_thresh``
+            instances as ground truth; ``None`` when the reference has none.
+    """
+
+    image_id: int
+    name: str
+    image_size: tuple[int, int]
+    score_thresh: float
+    min_iou: float
+    strong_iou: float
+    n_ref: int
+    n_cand: int
+    matched: int
+    missed: int
+    extra: int
+    class_changed: int
+    strong_matched: int
+    box_diffs: np.ndarray
+    score_diffs: np.ndarray
+    ious: np.ndarray
+    ap50_vs_ref: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and statistics as a JSON-able dict (no per-pair arrays)."""
+        return {
+            "image_id": self.image_id,
+            "name": self.name,
+            "size": list(self.image_size),
+            "n_ref": self.n_ref,
+            "n_cand": self.n_cand,
+            "matched": self.matched,
+            "missed": self.missed,
+            "extra": self.extra,
+            "class_changed": self.class_changed,
+            "strong_matched": self.strong_matched,
+            **pair_stats(self.box_diffs, self.score_diffs, self.ious),
+            "ap50_vs_ref": self.ap50_vs_ref,
+        }
+
+
+def pair_stats(box_diffs: np.ndarray, score_diffs: np.ndarray, ious: np.ndarray) -> dict[str, float | None]:
+    """Max/p99 box difference, max score difference and min/p1/mean mask IoU (``None`` with no pairs)."""
+    if len(ious) == 0:
+        return {
+            k: None
+            for k in ("max_box_diff", "p99_box_diff", "max_score_diff", "min_iou", "p1_iou", "mean_iou")
+        }
+    return {
+        "max_box_diff": float(box_diffs.max()),
+        "p99_box_diff": float(np.percentile(box_diffs, 99)),
+        "max_score_diff": float(score_diffs.max()),
+        "min_iou": float(ious.min()),
+        "p1_iou": float(np.percentile(ious, 1)),
+        "mean_iou": float(ious.mean()),
+    }
+
+
+def compare_instances(
+    ref: Instances,
+    cand: Instances,
+    *,
+    score_thresh: float,
+    min_iou: float = DEFAULT_MIN_IOU,
+    strong_iou: float = 0.95,
+    image_id: int = 0,
+    name: str = "",
+    with_ap50: bool = True,
+) -> ImageParity:
+    """Match the candidate's instances to the reference's on one image.
+
+    Give both sides **all** their instances (post-processed without a score threshold, or with one well
+    below ``score_thresh``): an instance above the threshold on one side is matched against the other side's
+    full list, so a score that crosses the threshold is a score difference, not a miss.
+
+    Args:
+        ref, cand: instances of the same image (same ``image_size``), masks as RLEs.
+        score_thresh: instances scoring at least this are the ones that must agree.
+        min_iou: the mask IoU a same-class pair needs to match.
+        strong_iou: the IoU that counts a match as strong (see :attr:`ImageParity.strong_matched`).
+        image_id, name: carried into the result.
+        with_ap50: also score the candidate against the reference's predictions (segm AP50).
+
+    Raises:
+        UserError: the two sides describe images of different sizes.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    from cellseg_deploy.data.rle import rle_iou
+
+    if tuple(ref.image_size) != tuple(cand.image_size):
+        raise UserError(
+            f"image {name or image_id}: reference is {ref.image_size}, candidate {cand.image_size}"
+        )
+    ref_hi = ref.scores >= score_thresh
+    cand_hi = cand.scores >= score_thresh
+    ref_partner = np.full(len(ref), -1, np.int64)
+    cand_partner = np.full(len(cand), -1, np.int64)
+    pair_iou: dict[int, float] = {}
+    for label in np.union1d(ref.labels, cand.labels):
+        ri = np.flatnonzero(ref.labels == label)
+        ci = np.flatnonzero(cand.labels == label)
+        if not len(ri) or not len(ci):
+            continue
+        iou = _mask_iou(ref, ri, cand, ci)
+        # 1 - IoU, ties broken by the closer score; pairs below min_iou are made unattractive, then dropped.
+        cost = (1.0 - iou) + 1e-3 * np.abs(ref.scores[ri][:, None] - cand.scores[ci][None, :])
+        cost[iou < min_iou] = 1e6
+        rows, cols = linear_sum_assignment(cost)
+        for r, c in zip(rows, cols, strict=True):
+            if iou[r, c] >= min_iou:
+                ref_partner[ri[r]] = ci[c]
+                cand_partner[ci[c]] = ri[r]
+                pair_iou[int(ri[r])] = float(iou[r, c])
+
+    pairs = [(r, int(c)) for r, c in enumerate(ref_partner) if c >= 0 and (ref_hi[r] or cand_hi[c])]
+    r_idx = np.array([p[0] for p in pairs], np.int64)
+    c_idx = np.array([p[1] for p in pairs], np.int64)
+    if pairs:
+        box_diffs = np.abs(ref.boxes[r_idx].astype(np.float64) - cand.boxes[c_idx].astype(np.float64)).max(
+            axis=1
+        )
+        score_diffs = np.abs(ref.scores[r_idx].astype(np.float64) - cand.scores[c_idx].astype(np.float64))
+        ious = np.array([pair_iou[r] for r in r_idx], np.float64)
+    else:
+        box_diffs = score_diffs = ious = np.zeros((0,), np.float64)
+
+    missed_idx = np.flatnonzero(ref_hi & (ref_partner < 0))
+    extra_idx = np.flatnonzero(cand_hi & (cand_partner < 0))
+    class_changed = 0
+    if len(missed_idx) and len(cand):
+        cross = rle_iou([ref.rles[i] for i in missed_idx], cand.rles)
+        other = ref.labels[missed_idx][:, None] != cand.labels[None, :]
+        class_changed = int(((cross >= min_iou) & other).any(axis=1).sum())
+    strong = int(sum(1 for r in r_idx if ref_hi[r] and pair_iou[int(r)] >= strong_iou))
+
+    ap50 = None
+    if with_ap50 and int(ref_hi.sum()) > 0:
+        ap50 = ap50_against_reference({image_id: ref}, {image_id: cand}, score_thresh)
+    return ImageParity(
+        image_id=int(image_id),
+        name=name,
+        image_size=(int(ref.image_size[0]), int(ref.image_size[1])),
+        score_thresh=score_thresh,
+        min_iou=min_iou,
+        strong_iou=strong_iou,
+        n_ref=int(ref_hi.sum()),
+        n_cand=int(cand_hi.sum()),
+        matched=len(pairs),
+        missed=len(missed_idx),
+        extra=len(extra_idx),
+        class_changed=class_changed,
+        strong_matched=strong,
+        box_diffs=box_diffs,
+        score_diffs=score_diffs,
+        ious=ious,
+        ap50_vs_ref=ap50,
+    )
+
+
+def _mask_iou(ref: Instances, ri: np.ndarray, cand: Instances, ci: np.ndarray) -> np.ndarray:
+    """Mask IoU ``[len(ri), len(ci)]``; where both masks are empty (a detection whose pasted mask has no
+    pixel above the threshold) the box IoU stands in, so two empty masks of the same detection still match."""
+    from cellseg_deploy.data.rle import rle_area, rle_iou
+
+    iou = rle_iou([ref.rles[i] for i in ri], [cand.rles[i] for i in ci])
+    ref_empty = np.array([rle_area(ref.rles[i]) == 0 for i in ri])
+    cand_empty = np.array([rle_area(cand.rles[i]) == 0 for i in ci])
+    both = ref_empty[:, None] & cand_empty[None, :]
+    if both.any():
+        iou = np.where(both, _box_iou(ref.boxes[ri], cand.boxes[ci]), iou)
+    return iou
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU ``[len(a), len(b)]`` of ``x1 y1 x2 y2`` boxes (float64)."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def ap50_against_reference(
+    ref: dict[int, Instances], cand: dict[int, Instances], score_thresh: float
+) -> float | None:
+    """segm AP50 of every candidate instance, with the reference's instances scoring ``>= score_thresh`` as
+    ground truth (COCOeval, cap large enough to score every candidate instance). ``None``: no ground truth."""
+    from cellseg_deploy.evaluation.coco_eval import evaluate, gt_from_instances, instances_to_results
+
+    gt = gt_from_instances(ref, score_thresh)
+    if not gt["annotations"]:
+        return None
+    results = [r for image_id in sorted(cand) for r in instances_to_results(image_id, cand[image_id])]
+    cap = max([100, *(len(c) for c in cand.values())])
+    value = evaluate(gt, results, max_dets=cap, iou_types=("segm",)).metrics["segm"]["AP50"]
+    return None if value is None else float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A run over many images
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParityReport:
+    """Parity of a candidate against a reference over a set of images, with the verdict.
+
+    Attributes:
+        images: one :class:`ImageParity` per image.
+        overall: the same statistics over all images (counts summed, pair statistics over all pairs),
+            plus ``missed_frac``, ``extra_frac``, ``strong_match_frac`` and ``ap50_vs_ref`` (all images at once).
+        ap50_gt: ``{"reference": AP50, "candidate": AP50, "diff": cand - ref}`` against the dataset's ground
+            truth (``None`` entries when there is none).
+        profile: the tolerances applied.
+        failures: one line per limit that was not met (empty: passed).
+        settings: score threshold, IoU settings, data root, split, images.
+        reference / candidate: the runners' ``info()``.
+        seconds: wall time.
+    """
+
+    images: list[ImageParity]
+    overall: dict[str, Any]
+    ap50_gt: dict[str, float | None]
+    profile: ToleranceProfile
+    failures: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    candidate: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "failures": list(self.failures),
+            "profile": self.profile.to_dict(),
+            "overall": self.overall,
+            "ap50_gt": self.ap50_gt,
+            "settings": self.settings,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "images": [im.summary() for im in self.images],
+            "seconds": round(self.seconds, 3),
+        }
+
+    def table(self) -> str:
+        """A readable report: one row per image and an overall row, the checks, then the verdict."""
+        from cellseg_deploy.cli.common import format_table
+
+        headers = [
+            "image",
+            "size",
+            "ref",
+            "cand",
+            "matched",
+            "missed",
+            "extra",
+            "box max",
+            "box p99",
+            "score max",
+            "IoU min",
+            "IoU mean",
+            "AP50 vs ref",
+        ]
+
+        def row(label: str, s: dict[str, Any]) -> list[Any]:
+            size = "x".join(str(v) for v in s["size"]) if s.get("size") else ""
+            return [
+                label,
+                size,
+                s["n_ref"],
+                s["n_cand"],
+                s["matched"],
+                s["missed"],
+                s["extra"],
+                *(
+                    _f(s[k])
+                    for k in (
+                        "max_box_diff",
+                        "p99_box_diff",
+                        "max_score_diff",
+                        "min_iou",
+                        "mean_iou",
+                        "ap50_vs_ref",
+                    )
+                ),
+            ]
+
+        rows = [row(im.name or str(im.image_id), im.summary()) for im in self.images]
+        rows.append(row("ALL", self.overall))
+        st = self.settings
+
+        def who(info: dict[str, Any]) -> str:
+            return " ".join(str(info[k]) for k in ("runner", "model") if info.get(k))
+
+        lines = [
+            " ".join(["parity: candidate", who(self.candidate), "vs reference", who(self.reference)]).replace(
+                "  ", " "
+            ),
+            f"instances scoring >= {st.get('score_thresh')} must agree; same-class pairs need mask IoU >= "
+            f"{st.get('min_iou')}; box/score differences in pixels/probability",
+            "",
+            format_table(rows, headers),
+            "",
+            format_table(self.checks(), ["check", "value", "limit", "ok"]),
+        ]
+        if self.overall.get("class_changed"):
+            lines.append(
+                f"note: {self.overall['class_changed']} missed instance(s) were found with another class"
+            )
+        lines.append("")
+        if self.passed:
+            lines.append(f"PASSED (profile {self.profile.name})")
+        else:
+            lines.append(f"FAILED (profile {self.profile.name}):")
+            lines.extend(f"  - {f}" for f in self.failures)
+        return "\n".join(lines)
+
+    def checks(self) -> list[list[Any]]:
+        """``[check, value, limit, ok]`` rows for every limit of the profile."""
+        return [
+            [
+                c.key,
+                _f(c.value),
+                f"{c.op} {c.limit:g}",
+                "n/a" if c.value is None else ("yes" if c.ok else "NO"),
+            ]
+            for c in evaluate_checks(self.overall, self.ap50_gt, self.profile)
+        ]
+
+
+def _f(v: Any) -> Any:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return v
+
+
+@dataclass(frozen=True)
+class _Check:
+    key: str
+    value: float | None
+    limit: float
+    op: str  # "<=" or ">="
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        if self.value is None:
+            return True
+        return self.value <= self.limit + 1e-12 if self.op == "<=" else self.value >= self.limit - 1e-12
+
+
+def evaluate_checks(
+    overall: dict[str, Any], ap50_gt: dict[str, float | None], tol: ToleranceProfile
+) -> list[_Check]:
+    """Every limit of ``tol`` applied to the run's overall numbers (a ``None`` value is not checked)."""
+    o = overall
+    gt_diff = ap50_gt.get("diff")
+    return [
+        _Check(
+            "missed_frac",
+            o["missed_frac"],
+            tol.max_missed_frac,
+            "<=",
+            f"{o['missed']} of {o['n_ref']} reference instances have no candidate partner",
+        ),
+        _Check(
+            "extra_frac",
+            o["extra_frac"],
+            tol.max_extra_frac,
+            "<=",
+            f"{o['extra']} of {o['n_cand']} candidate instances have no reference partner",
+        ),
+        _Check(
+            "strong_match_frac",
+            o["strong_match_frac"],
+            tol.min_strong_match_frac,
+            ">=",
+            f"{o['strong_matched']} of {o['n_ref']} reference instances matched with mask IoU >= {tol.strong_iou:g}",
+        ),
+        _Check("mean_iou", o["mean_iou"], tol.min_mask_iou_mean, ">=", "mean mask IoU of matched pairs"),
+        _Check("p1_iou", o["p1_iou"], tol.min_mask_iou_p1, ">=", "1st percentile of matched pairs' mask IoU"),
+        _Check(
+            "max_box_diff",
+            o["max_box_diff"],
+            tol.max_box_diff,
+            "<=",
+            "largest box coordinate difference (px)",
+        ),
+        _Check(
+            "p99_box_diff",
+            o["p99_box_diff"],
+            tol.max_box_diff_p99,
+            "<=",
+            "99th percentile box difference (px)",
+        ),
+        _Check("max_score_diff", o["max_score_diff"], tol.max_score_diff, "<=", "largest score difference"),
+        _Check(
+            "ap50_vs_ref",
+            o["ap50_vs_ref"],
+            tol.min_ap50_vs_ref,
+            ">=",
+            "segm AP50 of the candidate against the reference's predictions",
+        ),
+        _Check(
+            "ap50_gt_diff",
+            None if gt_diff is None else abs(gt_diff),
+            tol.max_ap50_gt_diff,
+            "<=",
+            f"|segm AP50 against ground truth: candidate {_f(ap50_gt.get('candidate'))} - reference "
+            f"{_f(ap50_gt.get('reference'))}|",
+        ),
+    ]
+
+
+def summarize(images: list[ImageParity], ap50_vs_ref: float | None) -> dict[str, Any]:
+    """Overall counts and statistics of a run (see :attr:`ParityReport.overall`)."""
+    keys = ("n_ref", "n_cand", "matched", "missed", "extra", "class_changed", "strong_matched")
+    totals = {k: int(sum(getattr(im, k) for im in images)) for k in keys}
+    cat = lambda name: np.concatenate([getattr(im, name) for im in images]) if images else np.zeros(0)  # noqa: E731
+    out: dict[str, Any] = {
+        "size": None,
+        **totals,
+        **pair_stats(cat("box_diffs"), cat("score_diffs"), cat("ious")),
+    }
+    out["missed_frac"] = totals["missed"] / totals["n_ref"] if totals["n_ref"] else 0.0
+    out["extra_frac"] = totals["extra"] / totals["n_cand"] if totals["n_cand"] else 0.0
+    out["strong_match_frac"] = totals["strong_matched"] / totals["n_ref"] if totals["n_ref"] else None
+    out["ap50_vs_ref"] = ap50_vs_ref
+    out["images"] = len(images)
+    return out
+
+
+def judge(
+    overall: dict[str, Any],
+    ap50_gt: dict[str, float | None],
+    tol: ToleranceProfile,
+    images: list[ImageParity] | None = None,
+) -> list[str]:
+    """The reasons the run fails ``tol`` (empty list: it passes), each naming the number, the limit and,
+    for per-pair statistics, the worst image."""
+    failures = []
+    worst_of = {
+        "max_box_diff": "max_box_diff",
+        "p99_box_diff": "max_box_diff",
+        "max_score_diff": "max_score_diff",
+        "mean_iou": "min_iou",
+        "p1_iou": "min_iou",
+    }
+    for check in evaluate_checks(overall, ap50_gt, tol):
+        if check.ok:
+            continue
+        where = ""
+        if images and check.key in worst_of:
+            worst = _worst_image(images, worst_of[check.key], lowest=check.op == ">=")
+            if worst is not None:
+                where = f"; worst image {worst}"
+        elif images and check.key in ("missed_frac", "extra_frac"):
+            attr = check.key.split("_")[0]
+            counts = sorted(((getattr(im, attr), im.name or str(im.image_id)) for im in images), reverse=True)
+            if counts and counts[0][0]:
+                where = "; most in " + ", ".join(f"{n} ({c})" for c, n in counts[:3] if c)
+        failures.append(
+            f"{check.key} = {_f(check.value)} (limit {check.op} {check.limit:g}): {check.text}{where}"
+        )
+    if failures and overall.get("class_changed"):
+        failures.append(
+            f"note: {overall['class_changed']} missed reference instance(s) were detected with another class"
+        )
+    return failures
+
+
+def _worst_image(images: list[ImageParity], key: str, *, lowest: bool) -> str | None:
+    scored = [
+        (im.summary()[key], im.name or str(im.image_id)) for im in images if im.summary()[key] is not None
+    ]
+    if not scored:
+        return None
+    value, name = min(scored) if lowest else max(scored)
+    return f"{name} ({_f(value)})"
+
+
+def compare_runs(
+    ref: dict[int, Instances],
+    cand: dict[int, Instances],
+    *,
+    profile: ToleranceProfile,
+    score_thresh: float = DEFAULT_SCORE_THRESH,
+    min_iou: float = DEFAULT_MIN_IOU,
+    gt: dict[str, Any] | None = None,
+    names: dict[int, str] | None = None,
+) -> ParityReport:
+    """Parity of two runs' instances ``{image_id: Instances}`` (same image ids), with the verdict.
+
+    ``gt``: the COCO ground truth of these images (optional); when it has annotations, both runs' segm AP50
+    against it is reported and checked (``max_ap50_gt_diff``).
+    """
+    if set(ref) != set(cand):
+        raise UserError(f"reference and candidate cover different images: {sorted(set(ref) ^ set(cand))[:5]}")
+    if not 0.0 <= score_thresh <= 1.0:
+        raise ConfigError(f"score threshold must lie in [0, 1], got {score_thresh}")
+    if not 0.0 < min_iou <= 1.0:
+        raise ConfigError(f"min IoU must lie in (0, 1], got {min_iou}")
+    names = names or {}
+    images = [
+        compare_instances(
+            ref[i],
+            cand[i],
+            score_thresh=score_thresh,
+            min_iou=min_iou,
+            strong_iou=profile.strong_iou,
+            image_id=i,
+            name=names.get(i, ""),
+        )
+        for i in sorted(ref)
+    ]
+    overall = summarize(images, ap50_against_reference(ref, cand, score_thresh))
+    ap50_gt: dict[str, float | None] = {"reference": None, "candidate": None, "diff": None}
+    if gt is not None and gt.get("annotations"):
+        ap50_gt = ap50_against_ground_truth(gt, ref, cand)
+    return ParityReport(
+        images=images,
+        overall=overall,
+        ap50_gt=ap50_gt,
+        profile=profile,
+        failures=judge(overall, ap50_gt, profile, images),
+        settings={"score_thresh": score_thresh, "min_iou": min_iou, "strong_iou": profile.strong_iou},
+    )
+
+
+def ap50_against_ground_truth(
+    gt: dict[str, Any], ref: dict[int, Instances], cand: dict[int, Instances]
+) -> dict[str, float | None]:
+    """segm AP50 of both runs against the same ground truth (cap: every detection is scored)."""
+    from cellseg_deploy.evaluation.coco_eval import evaluate, predictions_to_results
+
+    cap = max([100, *(len(p) for p in (*ref.values(), *cand.values()))])
+    out: dict[str, float | None] = {}
+    for key, preds in (("reference", ref), ("candidate", cand)):
+        out[key] = evaluate(gt, predictions_to_results(preds), max_dets=cap, iou_types=("segm",)).metrics[
+            "segm"
+        ]["AP50"]
+    r, c = out["reference"], out["candidate"]
+    out["diff"] = None if r is None or c is None else float(c) - float(r)
+    out["max_dets"] = cap
+    return out
+
+
+def run_parity(
+    reference_model: str | Path,
+    candidate_model: str | Path,
+    candidate_engine: str,
+    data_root: str | Path,
+    *,
+    images: int | None = None,
+    split: str = "val",
+    profile: str | ToleranceProfile = "fp32",
+    tolerances: dict[str, Any] | None = None,
+    reference_engine: str = "torch",
+    score_thresh: float = DEFAULT_SCORE_THRESH,
+    min_iou: float = DEFAULT_MIN_IOU,
+    device: str = "cpu",
+    candidate_device: str | None = None,
+    candidate_precision: str | None = None,
+    threads: int | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+) -> ParityReport:
+    """Run the reference and the candidate on a dataset split and compare their instances.
+
+    Args:
+        reference_model: the reference's model file (a checkpoint for the default ``torch`` runner).
+        candidate_model: the candidate's model file (``.onnx``, stage folder, engine manifest, ...).
+        candidate_engine: the candidate's runner name (``onnx``, ...).
+        data_root: dataset root in the real layout.
+        images: compare only the first ``images`` images of the split (``None``: all).
+        split: ``val`` (default), ``train``, ``all`` or ``test`` (see :mod:`cellseg_deploy.evaluation.predict`).
+        profile: tolerance profile name (:data:`PROFILES`) or a :class:`ToleranceProfile`.
+        tolerances: overrides of the profile's limits (``{"max_box_diff": 2.0}``).
+        reference_engine: the reference's runner (default ``torch``, fp32).
+        score_thresh: instances scoring at least this must agree.
+        min_iou: mask IoU a same-class pair needs to match.
+        device: device of the reference (and of the candidate unless ``candidate_device``).
+        candidate_precision: the candidate runner's precision (default: the profile's name when the runner
+            supports it, else ``fp32``).
+        threads: intra-op threads for both runners.
+        val_fraction, seed: the train/val split (as in training).
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`ParityReport`; ``report.passed`` is the verdict (raising is the caller's choice).
+
+    Raises:
+        DataError / ModelFileError / CheckpointError / BackendUnavailable: unusable inputs.
+    """
+    from cellseg_deploy.data.coco import dataset_to_coco
+    from cellseg_deploy.data.io import read_image
+    from cellseg_deploy.evaluation.predict import image_path_of
+    from cellseg_deploy.postprocess import PostprocessConfig
+    from cellseg_deploy.runners.registry import create_runner, get_runner_class
+
+    t_start = time.perf_counter()
+    tol = profile if isinstance(profile, ToleranceProfile) else get_profile(profile)
+    tol = tol.with_overrides(tolerances or {})
+    if images is not None and images < 1:
+        raise UserError(f"--images must be at least 1, got {images}")
+    cand_cls = get_runner_class(candidate_engine)
+    if candidate_precision is None:
+        base = tol.name.split("+")[0]
+        candidate_precision = base if base in cand_cls.precisions else "fp32"
+
+    data_root = Path(data_root)
+    gt = dataset_to_coco(data_root, split, val_fraction=val_fraction, seed=seed)
+    entries = sorted(gt.get("images", []), key=lambda e: int(e["id"]))
+    if not entries:
+        raise DataError(f"split {split!r} of {data_root} has no images")
+    if images is not None:
+        entries = entries[:images]
+    keep_ids = {int(e["id"]) for e in entries}
+    gt = {
+        **gt,
+        "images": entries,
+        "annotations": [a for a in gt.get("annotations", []) if int(a["image_id"]) in keep_ids],
+    }
+
+    post = PostprocessConfig(score_thresh=0.0, max_dets=None)  # everything: matching sees the full lists
+    ref_out: dict[int, Instances] = {}
+    cand_out: dict[int, Instances] = {}
+    names: dict[int, str] = {}
+    timings = {"reference_s": 0.0, "candidate_s": 0.0}
+    with (
+        create_runner(reference_engine, reference_model, device=device, threads=threads) as ref_runner,
+        create_runner(
+            candidate_engine,
+            candidate_model,
+            device=candidate_device or device,
+            precision=candidate_precision,
+            threads=threads,
+        ) as cand_runner,
+    ):
+        for entry in _progress(entries, progress):
+            image_id = int(entry["id"])
+            path = image_path_of(entry, data_root)
+            image = read_image(path)
+            names[image_id] = _short_name(entry, path)
+            t0 = time.perf_counter()
+            ref_out[image_id] = ref_runner.predict(image, post)
+            t1 = time.perf_counter()
+            cand_out[image_id] = cand_runner.predict(image, post)
+            timings["reference_s"] += t1 - t0
+            timings["candidate_s"] += time.perf_counter() - t1
+        ref_info, cand_info = ref_runner.info(), cand_runner.info()
+
+    report = compare_runs(
+        ref_out, cand_out, profile=tol, score_thresh=score_thresh, min_iou=min_iou, gt=gt, names=names
+    )
+    report.reference = ref_info
+    report.candidate = cand_info
+    report.settings.update(
+        {
+            "data_root": str(data_root),
+            "split": split,
+            "images": len(entries),
+            "val_fraction": val_fraction,
+            "seed": seed,
+            **{k: round(v, 3) for k, v in timings.items()},
+        }
+    )
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _short_name(entry: dict[str, Any], path: Path) -> str:
+    for key in ("sample_id", "sample"):
+        if entry.get(key):
+            return str(entry[key])[:12]
+    stem = path.parent.name if path.name == "image.tif" else path.stem
+    return stem[:12]
+
+
+def _progress(items: list[dict[str, Any]], enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc="parity", unit="image", disable=not enabled or None)

@@ -1,0 +1,537 @@
+"""Running a runner over a dataset split or a folder of images: evaluation and competition predictions.
+
+- :func:`run_dataset`: a split of the real layout (``val``/``train``/``all`` from ``train/``, ``test`` from
+  ``test_release/`` with ``test_ground_truth.json``) -> COCO ground truth and ``{image_id: Instances}``.
+- :func:`evaluate_model`: a model file + runner name -> :class:`~cellseg_deploy.evaluation.coco_eval.EvalResult`
+  (what ``cellseg-deploy eval`` prints), including the notes about detection caps.
+- :func:`predict_folder`: a folder of images -> ``test-results.json`` and the submission zip, optional
+  overlays; unreadable images are skipped and named in the summary (or stop the run with ``strict``).
+
+Every runner goes through :meth:`Runner.predict`, i.e. the one shared post-processing
+(:func:`cellseg_deploy.postprocess.postprocess`), so two runners differ here only by their models. Masks
+stay RLEs from the post-processing to the metric: one image is in memory at a time, and no
+``N x H x W`` array is built, so 2500 x 1900 images with hundreds of cells go through in bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cellseg_deploy.errors import DataError, UserError
+from cellseg_deploy.evaluation.coco_eval import (
+    DEFAULT_MAX_DETS,
+    IOU_TYPES,
+    EvalResult,
+    evaluate,
+    instances_to_results,
+    predictions_to_results,
+)
+from cellseg_deploy.evaluation.submission import RESULTS_MEMBER, write_results_json, write_submission
+from cellseg_deploy.postprocess import PostprocessConfig
+from cellseg_deploy.runners.base import Runner
+from cellseg_deploy.structures import Instances
+
+SPLITS: tuple[str, ...] = ("val", "test", "train", "all")
+"""Dataset splits: ``val``/``train`` are the seeded split of ``train/`` (``val_fraction``), ``all`` is all of
+``train/``, ``test`` is ``test_release/`` scored against ``test_ground_truth.json``."""
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png")
+"""Image files :func:`predict_folder` picks up from a plain folder (case-insensitive)."""
+
+ID_MAP_NAME = "test_image_name_to_ids.json"
+"""The competition's id map, looked for beside a ``test_release/`` folder when ``--ids`` is not given."""
+
+EVAL_POSTPROCESS = PostprocessConfig(score_thresh=0.0, mask_thresh=0.5, max_dets=None)
+"""Post-processing for evaluation: keep every detection the model returns (the cap is COCOeval's)."""
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Engines and model caps
+# ----------------------------------------------------------------------------------------------------------
+_SUFFIX_ENGINES: dict[str, str] = {".pt": "torch", ".pth": "torch", ".onnx": "onnx"}
+_MANIFEST_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def infer_engine(model_path: str | Path) -> str:
+    """The runner name for a model file: ``.pt``/``.pth`` -> ``torch``, ``.onnx`` -> ``onnx``, a folder or a
+    manifest (``.json``/``.yaml``) -> ``staged-onnx``. Anything else raises :class:`UserError`."""
+    from cellseg_deploy.runners.registry import list_runners
+
+    path = Path(model_path)
+    if path.is_dir() or path.suffix.lower() in _MANIFEST_SUFFIXES:
+        return "staged-onnx"
+    engine = _SUFFIX_ENGINES.get(path.suffix.lower())
+    if engine is None:
+        raise UserError(
+            f"cannot tell the engine from {path.name!r} (expected a .pt/.pth checkpoint, an .onnx file, or a "
+            f"stage folder/manifest); pass --engine, one of {', '.join(list_runners())}"
+        )
+    return engine
+
+
+def model_detection_cap(runner: Runner) -> int | None:
+    """The model's own cap on detections per image (``detections_per_img``), when the runner exposes it.
+
+    Looked up on ``runner.model_config`` (ONNX Runtime), ``runner.checkpoint.model_config`` (torch),
+    ``runner.config`` (staged) and in ``runner.info()`` (``"detections_per_img"`` or ``"model_config"``);
+    ``None`` when unknown.
+    """
+    checkpoint = getattr(runner, "checkpoint", None)
+    for config in (
+        getattr(runner, "model_config", None),
+        getattr(checkpoint, "model_config", None),
+        getattr(runner, "config", None),
+    ):
+        cap = _cap_from(config)
+        if cap is not None:
+            return cap
+    try:
+        info = runner.info()
+    except Exception:  # info() of a backend that is not loaded may fail; the cap is then unknown
+        return None
+    return _cap_from(info.get("detections_per_img")) or _cap_from(info.get("model_config"))
+
+
+def _cap_from(obj: Any) -> int | None:
+    if obj is None:
+        return None
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return obj
+    value = (
+        obj.get("detections_per_img") if isinstance(obj, dict) else getattr(obj, "detections_per_img", None)
+    )
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def cap_notes(
+    engine: str, max_dets: int, model_cap: int | None, predictions: dict[int, Instances]
+) -> list[str]:
+    """Notes for the report about the two caps: the model's ``detections_per_img`` and COCOeval's ``max_dets``."""
+    notes = []
+    most = max((len(p) for p in predictions.values()), default=0)
+    if model_cap is None:
+        notes.append(
+            f"the model's own cap on detections per image is unknown for runner {engine!r}; "
+            f"most detections returned for one image: {most}"
+        )
+        return notes
+    baked = "set in the checkpoint's model config" if engine == "torch" else "baked into the exported model"
+    if max_dets > model_cap:
+        notes.append(
+            f"--max-dets {max_dets} is above the model's own cap: it returns at most {model_cap} detections per "
+            f"image (model.detections_per_img, {baked}); train or export with a larger detections_per_img to "
+            "score more"
+        )
+    hit = sum(1 for p in predictions.values() if len(p) >= model_cap)
+    if hit:
+        notes.append(
+            f"{hit} of {len(predictions)} images returned the model's maximum of {model_cap} detections: "
+            "the model's cap may cost recall on dense images"
+        )
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------
+def run_dataset(
+    runner: Runner,
+    data_root: str | Path,
+    split: str,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    post: PostprocessConfig = EVAL_POSTPROCESS,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[int, Instances]]:
+    """Predict every image of a dataset split.
+
+    Args:
+        runner: any runner (loaded here if it is not yet; closing it is the caller's).
+        data_root: the dataset root (``train/``, ``test_release/``, ``test_image_name_to_ids.json``,
+            ``test_ground_truth.json``).
+        split: one of :data:`SPLITS`.
+        val_fraction, seed: the train/val split of ``train/`` (the same as training's).
+        post: post-processing settings (the default keeps every detection; see :data:`EVAL_POSTPROCESS`).
+        progress: show a tqdm progress bar (stderr).
+
+    Returns:
+        ``(gt, predictions)``: the COCO ground-truth dict of the split and ``{image_id: Instances}`` with
+        masks as RLEs at each image's original size.
+
+    Raises:
+        DataError: the layout is broken, an image cannot be read, or its size differs from the ground truth.
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    from cellseg_deploy.data.coco import dataset_to_coco
+    from cellseg_deploy.data.io import read_image
+
+    data_root = Path(data_root)
+    gt = dataset_to_coco(data_root, split, val_fraction=val_fraction, seed=seed)
+    if not gt.get("images"):
+        raise DataError(f"split {split!r} of {data_root} has no images")
+    runner.load()
+    predictions: dict[int, Instances] = {}
+    for entry in _progress(gt["images"], progress, desc=f"eval {split}"):
+        path = image_path_of(entry, data_root)
+        image = read_image(path)
+        expected = (int(entry["height"]), int(entry["width"]))
+        if tuple(image.shape[:2]) != expected:
+            raise DataError(
+                f"{path}: image is {image.shape[0]}x{image.shape[1]} but its ground truth says "
+                f"{expected[0]}x{expected[1]}; the dataset and its annotations disagree"
+            )
+        predictions[int(entry["id"])] = runner.predict(image, post)
+    return gt, predictions
+
+
+def image_path_of(entry: dict[str, Any], data_root: Path) -> Path:
+    """The image file of a COCO ``images`` entry made by :func:`cellseg_deploy.data.coco.dataset_to_coco`."""
+    for key in ("path", "file_path"):
+        if entry.get(key):
+            p = Path(entry[key])
+            return p if p.is_absolute() else data_root / p
+    sample = entry.get("sample_id") or entry.get("sample")
+    if sample:
+        return data_root / "train" / str(sample) / "image.tif"
+    name = entry.get("file_name")
+    if name:
+        for candidate in (data_root / name, data_root / "test_release" / name):
+            if candidate.exists():
+                return candidate
+    raise DataError(
+        f"cannot locate the image file of ground-truth image {entry.get('id')!r} ({entry}) under {data_root}"
+    )
+
+
+def evaluate_model(
+    model_path: str | Path,
+    engine: str | None,
+    data_root: str | Path,
+    split: str,
+    *,
+    max_dets: int = DEFAULT_MAX_DETS,
+    score_thresh: float = 0.0,
+    mask_thresh: float = 0.5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
+    threads: int | None = None,
+    iou_types: tuple[str, ...] = IOU_TYPES,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a model file with any registered runner on a dataset split (what ``cellseg-deploy eval`` runs).
+
+    Args:
+        model_path: checkpoint (``.pt``), ONNX file, stage folder or engine manifest.
+        engine: runner name; ``None`` infers it from the file (:func:`infer_engine`).
+        data_root, split, val_fraction, seed: see :func:`run_dataset`.
+        max_dets: COCOeval's cap on detections per image and category.
+        score_thresh: drop detections below this score before scoring (0 keeps all).
+        mask_thresh: mask probability threshold of the post-processing.
+        device, precision, threads: passed to the runner.
+        iou_types: ``("segm", "bbox")`` or a subset.
+        progress: show a progress bar.
+
+    Returns:
+        The :class:`EvalResult`, with ``notes`` on the model's own cap and ``info`` naming the runner,
+        data, split and thresholds.
+    """
+    from cellseg_deploy.runners.registry import create_runner
+
+    post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=None)
+    engine = engine or infer_engine(model_path)
+    t0 = time.perf_counter()
+    with create_runner(engine, model_path, device=device, precision=precision, threads=threads) as runner:
+        gt, predictions = run_dataset(
+            runner, data_root, split, val_fraction=val_fraction, seed=seed, post=post, progress=progress
+        )
+        model_cap = model_detection_cap(runner)
+        runner_info = runner.info()
+    seconds = time.perf_counter() - t0
+    result = evaluate(gt, predictions_to_results(predictions), max_dets=max_dets, iou_types=iou_types)
+    result.notes.extend(cap_notes(engine, max_dets, model_cap, predictions))
+    first = iou_types[0]
+    skipped = result.metrics[first]["num_detections"] - result.metrics[first]["num_detections_evaluated"]
+    if skipped:
+        result.notes.append(
+            f"{skipped} detections beyond the cap of {max_dets} per image and category were not scored; "
+            "raise --max-dets to include them"
+        )
+    result.info.update(
+        {
+            "runner": runner_info,
+            "data_root": str(data_root),
+            "split": split,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "score_thresh": score_thresh,
+            "mask_thresh": mask_thresh,
+            "model_detections_per_img": model_cap,
+            "max_detections_in_one_image": max((len(p) for p in predictions.values()), default=0),
+            "seconds": round(seconds, 3),
+        }
+    )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folders -> submission
+# ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image to predict: its file, its id in the results, its expected ``(H, W)`` (``None``: unknown)."""
+
+    path: Path
+    image_id: int
+    size: tuple[int, int] | None = None
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`predict_folder` did.
+
+    Attributes:
+        out_zip: the submission zip; ``results_json``: ``test-results.json`` written beside it.
+        id_source: where the image ids came from (the id map's path, or "sorted file names").
+        num_images: images listed; ``num_predicted``: images that went through the model.
+        num_detections: detections written.
+        failed: ``(file name, reason)`` of every image skipped (unreadable, or not the size the map says).
+        overlays_dir: where overlays went (``None``: not asked for).
+        seconds: wall time of the whole run.
+        runner: ``runner.info()``.
+    """
+
+    out_zip: Path
+    results_json: Path
+    id_source: str
+    num_images: int
+    num_predicted: int
+    num_detections: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    overlays_dir: Path | None = None
+    seconds: float = 0.0
+    runner: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {
+            "out_zip": str(self.out_zip),
+            "results_json": str(self.results_json),
+            "id_source": self.id_source,
+            "num_images": self.num_images,
+            "num_predicted": self.num_predicted,
+            "num_detections": self.num_detections,
+            "failed": [{"file": f, "reason": r} for f, r in self.failed],
+            "overlays_dir": str(self.overlays_dir) if self.overlays_dir else None,
+            "seconds": round(self.seconds, 3),
+            "runner": self.runner,
+        }
+
+    def text(self) -> str:
+        """A short human-readable summary (several lines)."""
+        lines = [
+            f"predicted {self.num_predicted} of {self.num_images} images, {self.num_detections} detections "
+            f"in {self.seconds:.1f} s (ids from {self.id_source})",
+            f"wrote {self.out_zip} ({RESULTS_MEMBER}) and {self.results_json}",
+        ]
+        if self.overlays_dir is not None:
+            lines.append(f"overlays in {self.overlays_dir}")
+        if self.failed:
+            lines.append(f"{len(self.failed)} image(s) skipped:")
+            lines.extend(f"  {name}: {reason}" for name, reason in self.failed)
+        return "\n".join(lines)
+
+
+def list_folder_images(images_dir: Path) -> list[Path]:
+    """TIFF/PNG files directly inside ``images_dir``, sorted by name."""
+    return sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def resolve_images(images_dir: str | Path, ids_map: str | Path | None = None) -> tuple[list[ImageEntry], str]:
+    """The images of a folder and their result ids.
+
+    With an id map (``ids_map``, or ``images_dir/../test_image_name_to_ids.json`` when that exists) every
+    listed ``file_name`` must be in the folder and every image in the folder must be listed; ids and sizes
+    come from the map. Without one, the folder's TIFF/PNG files get ids 1..N in sorted file-name order.
+
+    Returns:
+        ``(entries sorted by id, id source description)``.
+
+    Raises:
+        DataError: not a folder, no images, an unreadable or malformed map, or a map that does not match
+            the folder (one line naming examples on both sides).
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DataError(
+            f"{images_dir} is not a folder; expected test_release/ or a folder of TIFF/PNG images"
+        )
+    files = list_folder_images(images_dir)
+    if ids_map is None:
+        beside = images_dir.parent / ID_MAP_NAME
+        if beside.is_file():
+            ids_map = beside
+    if ids_map is None:
+        if not files:
+            raise DataError(f"{images_dir} holds no TIFF/PNG images ({', '.join(IMAGE_SUFFIXES)})")
+        entries = [ImageEntry(path=p, image_id=i) for i, p in enumerate(files, start=1)]
+        return entries, f"sorted file names (ids 1..{len(entries)}; no {ID_MAP_NAME} found beside the folder)"
+
+    ids_map = Path(ids_map)
+    records = _read_id_map(ids_map)
+    on_disk = {p.name for p in files}
+    listed = {r["file_name"] for r in records}
+    missing = sorted(listed - on_disk)
+    extra = sorted(on_disk - listed)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} listed image(s) are not in the folder (e.g. {', '.join(missing[:3])})"
+            )
+        if extra:
+            parts.append(f"{len(extra)} image(s) in the folder are not listed (e.g. {', '.join(extra[:3])})")
+        raise DataError(
+            f"id map {ids_map} does not match {images_dir}: {'; '.join(parts)}; pass the id map made for this "
+            "folder with --ids"
+        )
+    entries = [
+        ImageEntry(path=images_dir / r["file_name"], image_id=r["id"], size=r.get("size"))
+        for r in sorted(records, key=lambda r: r["id"])
+    ]
+    return entries, str(ids_map)
+
+
+def _read_id_map(path: Path) -> list[dict[str, Any]]:
+    """Parse ``[{"file_name", "id", "height", "width"}, ...]``; raise one-line :class:`DataError` otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read id map {path}: {exc}") from exc
+    if not isinstance(data, list) or not data:
+        raise DataError(f"id map {path}: expected a non-empty JSON list of {{file_name, id, height, width}}")
+    records: list[dict[str, Any]] = []
+    ids: set[int] = set()
+    names: set[str] = set()
+    for i, item in enumerate(data):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("file_name"), str)
+            or not _is_int(item.get("id"))
+        ):
+            raise DataError(
+                f"id map {path}: entry {i} needs a str 'file_name' and an int 'id', got {str(item)[:80]}"
+            )
+        name, image_id = item["file_name"], int(item["id"])
+        if image_id in ids or name in names:
+            raise DataError(f"id map {path}: entry {i} repeats id {image_id} or file name {name!r}")
+        ids.add(image_id)
+        names.add(name)
+        size = (
+            (int(item["height"]), int(item["width"]))
+            if _is_int(item.get("height")) and _is_int(item.get("width"))
+            else None
+        )
+        records.append({"file_name": name, "id": image_id, "size": size})
+    return records
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def predict_folder(
+    runner: Runner,
+    images_dir: str | Path,
+    ids_map: str | Path | None,
+    out_zip: str | Path,
+    overlays_dir: str | Path | None = None,
+    strict: bool = False,
+    post: PostprocessConfig = EVAL_POSTPROCESS,
+    progress: bool = True,
+) -> PredictSummary:
+    """Predict every image of a folder and write the competition submission.
+
+    Writes ``out_zip`` (``test-results.json`` inside) and ``test-results.json`` beside it, both atomically,
+    and with ``overlays_dir`` one PNG per image (``<file stem>.png``, see
+    :mod:`cellseg_deploy.evaluation.overlays`).
+
+    Args:
+        runner: any runner (loaded here if it is not yet; closing it is the caller's).
+        images_dir: ``test_release/`` or any folder of TIFF/PNG images (see :func:`resolve_images`).
+        ids_map: the id map (``test_image_name_to_ids.json``); ``None`` looks beside the folder, then
+            falls back to ids 1..N in sorted file-name order.
+        out_zip: the submission zip to write.
+        overlays_dir: folder for overlay PNGs, or ``None``.
+        strict: stop at the first unreadable image (raise :class:`DataError`) instead of skipping it.
+        post: post-processing settings (default: keep every detection the model returns).
+        progress: show a tqdm progress bar (stderr).
+
+    Returns:
+        :class:`PredictSummary`; skipped images are in ``failed`` (the submission is still written).
+    """
+    from cellseg_deploy.data.io import read_image
+    from cellseg_deploy.evaluation.overlays import write_overlay
+
+    t0 = time.perf_counter()
+    entries, id_source = resolve_images(images_dir, ids_map)
+    out_zip = Path(out_zip)
+    overlays = Path(overlays_dir) if overlays_dir is not None else None
+    runner.load()
+    results: list[dict[str, Any]] = []
+    failed: list[tuple[str, str]] = []
+    num_predicted = 0
+    for entry in _progress(entries, progress, desc="predict"):
+        try:
+            image = read_image(entry.path)
+            if entry.size is not None and tuple(image.shape[:2]) != entry.size:
+                raise DataError(
+                    f"image is {image.shape[0]}x{image.shape[1]} but the id map says {entry.size[0]}x{entry.size[1]}"
+                )
+        except (DataError, OSError, ValueError) as exc:
+            reason = str(exc).replace(str(entry.path) + ": ", "")
+            if strict:
+                raise DataError(f"{entry.path}: {reason} (stopped by --strict)") from exc
+            failed.append((entry.path.name, reason))
+            continue
+        inst = runner.predict(image, post)
+        results.extend(instances_to_results(entry.image_id, inst))
+        num_predicted += 1
+        if overlays is not None:
+            write_overlay(overlays / f"{entry.path.stem}.png", image, inst)
+        del image
+    write_submission(results, out_zip)
+    results_json = write_results_json(results, out_zip.with_name(RESULTS_MEMBER))
+    return PredictSummary(
+        out_zip=out_zip,
+        results_json=results_json,
+        id_source=id_source,
+        num_images=len(entries),
+        num_predicted=num_predicted,
+        num_detections=len(results),
+        failed=failed,
+        overlays_dir=overlays,
+        seconds=time.perf_counter() - t0,
+        runner=runner.info(),
+    )
+
+
+def _progress(items: Iterable[T], enabled: bool, desc: str) -> Iterator[T]:
+    """tqdm over ``items`` (rate and ETA on stderr) when ``enabled``."""
+    if not enabled:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    seq = list(items)
+    yield from tqdm(seq, desc=desc, unit="img", total=len(seq), dynamic_ncols=True)

@@ -1,0 +1,314 @@
+"""OpenVINO runner: the single exported graph on the CPU, in fp32 or bf16 (AMX).
+
+OpenVINO reads the same ``.onnx`` file as the ``onnx`` runner (:mod:`cellseg_deploy.export.onnx_export`:
+uint8 ``[H, W, 3]`` image in, pre-processing inside, ``boxes, labels, scores, mask_probs`` out), or an
+OpenVINO IR (``.xml`` beside its ``.bin``) saved from it. The shared post-processing pastes the masks on the
+host.
+
+Precision is the user's choice and is never left to the plugin's default (on CPUs with AMX or AVX512-BF16
+OpenVINO runs bf16 unless told otherwise):
+
+- ``fp32``: ``INFERENCE_PRECISION_HINT=f32``, strict parity with PyTorch (the ``fp32`` tolerance profile).
+- ``bf16``: ``INFERENCE_PRECISION_HINT=bf16``: convolutions and matrix products on the AMX/AVX512-BF16
+  units. OpenVINO keeps box decoding, softmax, NMS and the RoIAlign box coordinates in fp32; features,
+  head activations and the FPN level choice of each RoI are bf16 (the ``bf16`` tolerance profile).
+
+int8 is not offered: static int8 quantisation of the convolutions and fully connected layers (QDQ,
+calibrated, run by OpenVINO on AMX-INT8) measured only about 1.1x faster than bf16 on this model, because
+the rest of the graph (RoIAlign, NMS, reorders) does not shrink, so it does not pay for its accuracy risk
+(docs/cpu-fast-path.md).
+
+The precision actually compiled is read back from the compiled model and reported by :meth:`info`
+(``execution_precision``); asking for a precision the CPU cannot run is an error, never a silent fallback.
+
+Options (``options=`` dict, ``--option key=value`` on the CLI):
+
+- ``cache_dir``: OpenVINO's model cache folder; the second load of the same model skips compilation.
+- ``num_streams``: parallel inference streams (default 1: one image at a time, all threads on it).
+- ``performance_hint``: ``LATENCY`` (default) or ``THROUGHPUT``.
+
+``threads`` sets ``INFERENCE_NUM_THREADS`` (default: OpenVINO's, one per physical core).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
+from cellseg_deploy.runners.base import Runner
+from cellseg_deploy.runners.registry import register_runner
+from cellseg_deploy.structures import Detections
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES: tuple[str, ...] = ("boxes", "labels", "scores", "mask_probs")
+INSTALL_HINT = "pip install 'cellseg-deploy[openvino]' (or: pip install openvino)"
+
+PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16"}
+"""``--precision`` -> OpenVINO's ``INFERENCE_PRECISION_HINT``."""
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO version, or ``None`` when it is not installed (no import of the runtime)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("openvino")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """What OpenVINO's CPU plugin reports about this CPU: ``{"device": full name, "capabilities": [...]}``
+    (``capabilities`` holds e.g. ``"FP32"``, ``"BF16"``, ``"INT8"``). Raises :class:`BackendUnavailable`
+    without OpenVINO."""
+    ov = _import_openvino()
+    core = ov.Core()
+    return {
+        "device": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+        "capabilities": [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")],
+    }
+
+
+def _import_openvino() -> Any:
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise BackendUnavailable(f"the openvino runner needs OpenVINO: {INSTALL_HINT}") from exc
+    return ov
+
+
+def _element_name(value: Any) -> str:
+    """OpenVINO element type (``<Type: 'bfloat16'>``, ``bf16``, ...) -> short name ``f32``/``bf16``/``f16``."""
+    text = str(getattr(value, "get_type_name", lambda: value)()).lower()
+    for short, names in (
+        ("bf16", ("bf16", "bfloat16")),
+        ("f16", ("f16", "float16")),
+        ("f32", ("f32", "float32")),
+    ):
+        if text in names:
+            return short
+    return text
+
+
+@register_runner
+class OpenVINORunner(Runner):
+    """OpenVINO (CPU) on the exported ``.onnx`` graph or an OpenVINO IR ``.xml`` (see the module docstring)."""
+
+    name = "openvino"
+    description = "OpenVINO on the CPU: fp32, or bf16 on AMX/AVX512-BF16 (optional extra [openvino])"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+    model_suffixes: ClassVar[tuple[str, ...]] = (".onnx", ".xml")
+
+    core: Any = None
+    compiled: Any = None
+    request: Any = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if openvino_version() is None:
+            return f"the openvino runner needs OpenVINO, which is not installed: {INSTALL_HINT}"
+        return None
+
+    @classmethod
+    def check_model_path(cls, path: Path) -> None:
+        if path.suffix.lower() in (".pt", ".pth"):
+            raise ModelFileError(
+                f"runner 'openvino' reads .onnx or OpenVINO .xml files, and {path} is a checkpoint: export it first "
+                f"with 'cellseg-deploy export {path} --format onnx --out models/NAME.onnx', or use --engine torch"
+            )
+        super().check_model_path(path)
+        if path.suffix.lower() == ".xml" and not path.with_suffix(".bin").is_file():
+            raise ModelFileError(
+                f"OpenVINO IR {path} has no weights file {path.with_suffix('.bin')} beside it"
+            )
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        ov = _import_openvino()
+        if self.device != "cpu":
+            raise UserError(
+                f"runner 'openvino' runs on the CPU only, got device {self.device!r}; use --device cpu"
+            )
+        self.core = ov.Core()
+        capabilities = [str(c) for c in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+        try:
+            model = self.core.read_model(str(self.model_path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with multi-line messages
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelFileError(f"OpenVINO cannot read {self.model_path}: {first}") from exc
+        self.metadata = _read_metadata(model)
+        self._check_signature(model)
+        self.repaired_branches = repair_empty_branches(model)
+        hint = PRECISION_HINTS[self.precision]
+        if hint == "bf16" and "BF16" not in capabilities:
+            raise BackendUnavailable(
+                f"--precision bf16 needs a CPU with bf16 support (AMX or AVX512-BF16); OpenVINO reports "
+                f"{capabilities} for this CPU: use --precision fp32"
+            )
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": hint,
+            "PERFORMANCE_HINT": str(self.options.get("performance_hint", "LATENCY")).upper(),
+            "NUM_STREAMS": int(self.options.get("num_streams", 1)),
+        }
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        cache_dir = self.options.get("cache_dir")
+        if cache_dir:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache_dir)
+        t0 = time.perf_counter()
+        try:
+            self.compiled = self.core.compile_model(model, "CPU", config)
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelFileError(f"OpenVINO cannot compile {self.model_path} for the CPU: {first}") from exc
+        self.compile_s = time.perf_counter() - t0
+        self.execution_precision = _element_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if self.execution_precision != hint:
+            raise BackendUnavailable(
+                f"asked OpenVINO for {hint} inference, but the compiled model runs {self.execution_precision}; "
+                f"this CPU ({capabilities}) cannot run --precision {self.precision}"
+            )
+        self.request = self.compiled.create_infer_request()
+        self.outputs = {o.get_any_name(): o for o in self.compiled.outputs}
+        self.device_name = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
+        self.capabilities = capabilities
+        self.mask_size = int(self.metadata.get("mask_size", 28) or 28)
+
+    def _check_signature(self, model: Any) -> None:
+        """One uint8 ``[H, W, 3]`` input and the four raw outputs, as the single-graph export writes them."""
+        inputs = model.inputs
+        names = [next(iter(o.get_names()), "") for o in model.outputs]
+        shape = inputs[0].get_partial_shape() if len(inputs) == 1 else None
+        ok = (
+            shape is not None
+            and inputs[0].get_element_type().get_type_name() == "u8"
+            and shape.rank.is_static
+            and shape.rank.get_length() == 3
+            and shape[2].is_static
+            and shape[2].get_length() == 3
+            and sorted(names) == sorted(OUTPUT_NAMES)
+        )
+        if not ok:
+            found = ", ".join(
+                f"{i.get_any_name()} {i.get_element_type().get_type_name()} {i.get_partial_shape()}"
+                for i in inputs
+            )
+            raise ModelFileError(
+                f"{self.model_path} is not a cellseg-deploy single-graph export: expected input 'image' uint8 [H, W, 3] "
+                f"and outputs {list(OUTPUT_NAMES)}, found inputs ({found}) and outputs {names}; export with "
+                "'cellseg-deploy export --format onnx'"
+            )
+        static_shape: Any = shape
+        self.fixed_size: tuple[int, int] | None = (
+            (static_shape[0].get_length(), static_shape[1].get_length())
+            if static_shape[0].is_static and static_shape[1].is_static
+            else None
+        )
+
+    def _close(self) -> None:
+        self.request = None
+        self.compiled = None
+        self.core = None
+
+    # -- inference -----------------------------------------------------------------------------------------
+    def _infer(self, image: np.ndarray) -> Detections:
+        height, width = int(image.shape[0]), int(image.shape[1])
+        if self.fixed_size is not None and (height, width) != self.fixed_size:
+            raise UserError(
+                f"{self.model_path} was exported for {self.fixed_size[0]}x{self.fixed_size[1]} images only, got "
+                f"{height}x{width}; export again without --static"
+            )
+        t0 = time.perf_counter()
+        feed = np.ascontiguousarray(image, dtype=np.uint8)
+        t1 = time.perf_counter()
+        result = self.request.infer({0: feed})
+        boxes, labels, scores, masks = (np.array(result[self.outputs[n]]) for n in OUTPUT_NAMES)
+        t2 = time.perf_counter()
+        if len(boxes) == 0:
+            det = Detections.empty((height, width), self.mask_size)
+        else:
+            det = Detections(
+                boxes=boxes.astype(np.float32, copy=False),
+                labels=labels.astype(np.int64, copy=False),
+                scores=scores.astype(np.float32, copy=False),
+                mask_probs=masks.astype(np.float32, copy=False),
+                image_size=(height, width),
+            )
+        det.timings = {"preprocess": t1 - t0, "network": t2 - t1}
+        return det
+
+    def _info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "openvino": openvino_version(),
+            "execution_precision": getattr(self, "execution_precision", None),
+            "cpu": getattr(self, "device_name", None),
+            "cpu_capabilities": getattr(self, "capabilities", None),
+            "compile_s": round(getattr(self, "compile_s", 0.0), 3),
+            "repaired_empty_branches": getattr(self, "repaired_branches", None),
+        }
+        compiled = getattr(self, "compiled", None)
+        if compiled is not None:
+            info["inference_num_threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+            info["num_streams"] = int(compiled.get_property("NUM_STREAMS"))
+        if self.options.get("cache_dir"):
+            info["cache_dir"] = str(self.options["cache_dir"])
+        meta = getattr(self, "metadata", {})
+        for key in ("arch", "class_names", "source_sha256", "opset", "graph_sha256", "exported_at"):
+            if key in meta:
+                info[key] = meta[key]
+        return info
+
+
+def _read_metadata(model: Any) -> dict[str, Any]:
+    """The provenance stored in the ONNX file's ``metadata_props``, which OpenVINO keeps under
+    ``rt_info["framework"]`` (also in an IR saved from the ONNX model); ``{}`` when there is none."""
+    from cellseg_deploy.export.metadata import decode_props
+
+    if not model.has_rt_info(["framework"]):
+        return {}
+    value = model.get_rt_info(["framework"]).astype(dict)
+    return decode_props({str(k): v.astype(str) if hasattr(v, "astype") else str(v) for k, v in value.items()})
+
+
+def repair_empty_branches(model: Any) -> int:
+    """Give back the empty tensors OpenVINO's ONNX reader turns into scalars; returns how many were fixed.
+
+    torchvision's ``batched_nms`` exports as an ``If``: when no box is left it returns a constant empty int64
+    ``[0]`` tensor. OpenVINO (2026.4) reads that zero-size constant as a *scalar*, so on an image with no
+    detection the graph returns one detection made of whatever memory the gathers read (a zero-area box,
+    any label, a leftover score) instead of none. Here every ``If`` branch result that is a rank-0 constant
+    while the other branch returns rank >= 1 is replaced by an empty constant of that rank (``[0, 1, ...]``),
+    in place, before compilation. Graphs without such branches are left untouched.
+    """
+    import openvino.opset13 as ops
+
+    fixed = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "If":
+            continue
+        then_body, else_body = op.get_then_body(), op.get_else_body()
+        for bodies in ((then_body, else_body), (else_body, then_body)):
+            for result, other in zip(bodies[0].get_results(), bodies[1].get_results(), strict=True):
+                source = result.input_value(0).get_node()
+                rank = other.get_output_partial_shape(0).rank
+                if (
+                    source.get_type_name() == "Constant"
+                    and source.get_output_partial_shape(0).rank.get_length() == 0
+                    and rank.is_static
+                    and rank.get_length() >= 1
+                ):
+                    shape = (0,) + (1,) * (rank.get_length() - 1)
+                    empty = ops.constant(np.zeros(shape, dtype=source.get_data().dtype))
+                    result.input(0).replace_source_output(empty.output(0))
+                    fixed += 1
+            bodies[0].validate_nodes_and_infer_types()
+    if fixed:
+        model.validate_nodes_and_infer_types()
+    return fixed

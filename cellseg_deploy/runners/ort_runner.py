@@ -1,0 +1,227 @@
+"""ONNX Runtime runner for the single-graph export (:mod:`cellseg_deploy.export.onnx_export`).
+
+The graph takes the uint8 ``[H, W, 3]`` image as read from disk (normalisation and resizing are inside it)
+and returns ``boxes, labels, scores, mask_probs``; the shared post-processing pastes the masks on the host.
+
+Execution providers are asked for explicitly and checked after the session is created: asking for CUDA and
+getting the CPU (ONNX Runtime falls back silently when the CUDA libraries or the GPU are missing) is an
+error, never a silent swap. :meth:`OrtRunner.info` reports the providers actually in use.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
+from cellseg_deploy.runners.base import Runner
+from cellseg_deploy.runners.registry import register_runner
+from cellseg_deploy.structures import Detections
+
+if TYPE_CHECKING:
+    from cellseg_deploy.modeling.config import ModelConfig
+
+GRAPH_OPT_LEVELS: tuple[str, ...] = ("disable", "basic", "extended", "all")
+"""Names of ONNX Runtime's graph optimisation levels (option ``graph_optimization``)."""
+
+_OUTPUTS = ("boxes", "labels", "scores", "mask_probs")
+
+
+@register_runner
+class OrtRunner(Runner):
+    """ONNX Runtime on an exported ``.onnx`` file; CPU provider, or CUDA with ``device="cuda[:N]"``.
+
+    Options (``options=`` dict, or ``--option key=value`` on the CLI):
+
+    - ``graph_optimization``: one of :data:`GRAPH_OPT_LEVELS` (default ``"all"``).
+    - ``optimized_model_path``: save the graph as optimised by ONNX Runtime to this file (for inspection;
+      the saved file is specific to this machine's providers and ONNX Runtime version).
+    - ``inter_op_threads``: threads running independent nodes in parallel (default: ONNX Runtime's).
+    - ``sequential``: ``True`` (default) runs nodes one after another (the inter-op pool unused).
+
+    ``threads`` sets the intra-op thread count (default: ONNX Runtime's, one per physical core).
+    """
+
+    name = "onnx"
+    description = "ONNX Runtime on the single exported graph (CPU, or CUDA provider)"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    model_suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime is not installed: pip install onnxruntime (CPU) or onnxruntime-gpu"
+        return None
+
+    @classmethod
+    def check_model_path(cls, path: Path) -> None:
+        if path.suffix.lower() in (".pt", ".pth"):
+            raise ModelFileError(
+                f"runner 'onnx' reads .onnx files, and {path} is a checkpoint: export it first with "
+                f"'cellseg-deploy export {path} --format onnx --out models/NAME.onnx', or use --engine torch"
+            )
+        super().check_model_path(path)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        from cellseg_deploy.export.metadata import decode_props
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        level = str(self.options.get("graph_optimization", "all"))
+        if level not in GRAPH_OPT_LEVELS:
+            raise UserError(
+                f"graph_optimization: unknown level {level!r}; expected one of {list(GRAPH_OPT_LEVELS)}"
+            )
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[level]
+        if self.threads is not None:
+            options.intra_op_num_threads = int(self.threads)
+        if self.options.get("inter_op_threads") is not None:
+            options.inter_op_num_threads = int(self.options["inter_op_threads"])
+        sequential = self.options.get("sequential", True)
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_SEQUENTIAL if _as_bool(sequential) else ort.ExecutionMode.ORT_PARALLEL
+        )
+        saved = self.options.get("optimized_model_path")
+        if saved:
+            Path(saved).parent.mkdir(parents=True, exist_ok=True)
+            options.optimized_model_filepath = str(saved)
+
+        providers = self._requested_providers(ort)
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ModelFileError(f"ONNX Runtime cannot load {self.model_path}: {first}") from exc
+        self.providers = list(self.session.get_providers())
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self.providers[0] != wanted:
+            self.session = None
+            raise BackendUnavailable(
+                f"asked for {wanted} but ONNX Runtime gave {self.providers} (available here: "
+                f"{ort.get_available_providers()}); check the CUDA/cuDNN libraries and the GPU, or use --device cpu"
+            )
+        self._check_signature()
+        self.metadata = decode_props(dict(self.session.get_modelmeta().custom_metadata_map))
+        self.mask_size = int(self.metadata.get("mask_size", 28) or 28)
+        self.model_config = _model_config(self.metadata)
+
+    def _requested_providers(self, ort: Any) -> list[Any]:
+        if self.device == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.device == "cuda" or self.device.startswith("cuda:"):
+            index = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable(
+                    f"device {self.device!r} needs ONNX Runtime's CUDA provider, which this onnxruntime build lacks "
+                    f"(available: {ort.get_available_providers()}); pip install onnxruntime-gpu, or use --device cpu"
+                )
+            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        raise UserError(f"runner 'onnx': unknown device {self.device!r}; expected cpu, cuda or cuda:N")
+
+    def _check_signature(self) -> None:
+        """The graph must be a cellseg-deploy single-graph export: one uint8 ``[H, W, 3]`` input, four outputs."""
+        inputs = self.session.get_inputs()
+        outputs = [o.name for o in self.session.get_outputs()]
+        ok = (
+            len(inputs) == 1
+            and inputs[0].type == "tensor(uint8)"
+            and len(inputs[0].shape) == 3
+            and inputs[0].shape[2] == 3
+            and outputs == list(_OUTPUTS)
+        )
+        if not ok:
+            found = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise ModelFileError(
+                f"{self.model_path} is not a cellseg-deploy single-graph export: expected input 'image' uint8 "
+                f"[H, W, 3] and outputs {list(_OUTPUTS)}, found inputs ({found}) and outputs {outputs}; "
+                "export with 'cellseg-deploy export --format onnx' (stage graphs run with --engine staged)"
+            )
+        self.input_name = inputs[0].name
+        self.fixed_size = (
+            tuple(inputs[0].shape[:2]) if all(isinstance(d, int) for d in inputs[0].shape[:2]) else None
+        )
+
+    def _close(self) -> None:
+        self.session = None
+
+    # -- inference -----------------------------------------------------------------------------------------
+    def _infer(self, image: np.ndarray) -> Detections:
+        height, width = int(image.shape[0]), int(image.shape[1])
+        if self.fixed_size is not None and (height, width) != self.fixed_size:
+            raise UserError(
+                f"{self.model_path} was exported for {self.fixed_size[0]}x{self.fixed_size[1]} images only, got "
+                f"{height}x{width}; export again without --static"
+            )
+        t0 = time.perf_counter()
+        feed = {self.input_name: np.ascontiguousarray(image, dtype=np.uint8)}
+        t1 = time.perf_counter()
+        boxes, labels, scores, masks = self.session.run(list(_OUTPUTS), feed)
+        t2 = time.perf_counter()
+        if len(boxes) == 0:
+            det = Detections.empty((height, width), self.mask_size)
+        else:
+            det = Detections(
+                boxes=np.asarray(boxes, np.float32),
+                labels=np.asarray(labels, np.int64),
+                scores=np.asarray(scores, np.float32),
+                mask_probs=np.asarray(masks, np.float32),
+                image_size=(height, width),
+            )
+        det.timings = {"preprocess": t1 - t0, "network": t2 - t1}
+        return det
+
+    def _info(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        info: dict[str, Any] = {
+            "providers": list(getattr(self, "providers", [])),
+            "onnxruntime": str(ort.__version__),
+            "graph_optimization": str(self.options.get("graph_optimization", "all")),
+        }
+        meta = getattr(self, "metadata", {})
+        for key in ("arch", "class_names", "source_sha256", "opset", "graph_sha256", "exported_at"):
+            if key in meta:
+                info[key] = meta[key]
+        config = getattr(self, "model_config", None)
+        if config is not None:
+            info["detections_per_img"] = config.detections_per_img
+        if self.options.get("optimized_model_path"):
+            info["optimized_model_path"] = str(self.options["optimized_model_path"])
+        return info
+
+
+def _model_config(meta: dict[str, Any]) -> ModelConfig | None:
+    """The model config recorded in the file's metadata (``None`` for files exported elsewhere)."""
+    from cellseg_deploy.errors import ConfigError
+    from cellseg_deploy.modeling.config import ModelConfig
+
+    data = meta.get("model_config")
+    if not isinstance(data, dict):
+        return None
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError:
+        return None
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"expected true or false, got {value!r}")
+    return bool(value)

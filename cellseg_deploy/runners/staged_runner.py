@@ -1,0 +1,547 @@
+"""The staged pipeline: stage graphs run by an executor, everything between them FP32 PyTorch.
+
+Per image batch::
+
+    preprocess     uint8 -> float, normalise, resize, pad to 32        torchvision GeneralizedRCNNTransform
+    backbone_rpn   FPN maps + RPN logits/deltas                        executor (ONNX Runtime or TensorRT)
+    rpn_post       anchors, decoding, top-k, proposal NMS, box RoIAlign torchvision RPN + MultiScaleRoIAlign
+    box_head       class logits + box regression                       executor
+    box_post       decoding, softmax, score filter, per-class NMS,     torchvision RoIHeads.postprocess_detections
+                   mask RoIAlign                                       + MultiScaleRoIAlign
+    mask_head      mask logits for every class                         executor
+    mask_post      sigmoid of the predicted class, boxes to original   torchvision maskrcnn_inference, resize_boxes
+                   pixels, copy to host
+
+The host steps are torchvision's own modules, built from the model config stored in the stage manifest (they
+hold no weights: anchors, box coder, RoIAlign and thresholds are all fixed by the config), so the staged
+pipeline computes what torchvision computes, and NMS (boxes offset by ~1e5 per class) stays FP32.
+They run on the runner's device (the GPU with TensorRT).
+
+Registered runners:
+
+- ``staged-onnx``: :class:`~cellseg_deploy.runners.stage_executors.OrtExecutor` (CPU, or CUDA with
+  ``--device cuda``); ``model_path``: the stage folder or its ``manifest.json``.
+- ``trt``: :class:`~cellseg_deploy.runners.stage_executors.TrtExecutor`; ``model_path``: the stage folder
+  (engines in ``engines/<precision>/``), an engine folder, or its ``engines.json``.
+
+Precision ``fp32`` or ``fp16`` selects the stage graphs (``staged-onnx``) or engines (``trt``). Options:
+``max_batch`` (images per backbone call; at most the profile's batch maximum), for ``trt`` also ``rebuild``
+(rebuild engines that are missing or were built for another TensorRT/GPU), ``cuda_graphs``, ``workspace_gib``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
+from cellseg_deploy.export.staged import (
+    STAGE_INPUTS,
+    StageFolder,
+    StageGeometry,
+    StageProfile,
+    load_stage_folder,
+)
+from cellseg_deploy.modeling.config import ModelConfig
+from cellseg_deploy.modeling.raw import image_to_tensor
+from cellseg_deploy.runners.base import Runner
+from cellseg_deploy.runners.registry import register_runner
+from cellseg_deploy.runners.stage_executors import OrtExecutor, StageExecutor
+from cellseg_deploy.structures import Detections
+
+MODEL_STAGES: tuple[str, ...] = ("backbone_rpn", "box_head", "mask_head")
+TIMING_KEYS: tuple[str, ...] = (
+    "preprocess",
+    "backbone_rpn",
+    "rpn_post",
+    "box_head",
+    "box_post",
+    "mask_head",
+    "mask_post",
+    "network",
+)
+"""Keys of ``Detections.timings`` from staged runners (seconds per image; ``network`` = the three stages)."""
+
+RawOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def build_host_model(config: ModelConfig) -> nn.Module:
+    """The torchvision ``MaskRCNN`` of ``config`` with its learned networks removed, in eval mode.
+
+    What remains (transform, anchor generator, box coders, proposal filtering, RoIAlign poolers,
+    detection post-processing) has no weights, so building it from the config reproduces the checkpoint's
+    host steps exactly. Raises ``RuntimeError`` if that ever stops being true.
+    """
+    from cellseg_deploy.modeling.registry import get_arch
+
+    with torch.random.fork_rng(devices=[]):  # the random init must not move the caller's RNG
+        model: Any = get_arch(config.arch).build(config)
+    model.backbone = nn.Identity()
+    model.rpn.head = nn.Identity()
+    for name in ("box_head", "box_predictor", "mask_head", "mask_predictor"):
+        setattr(model.roi_heads, name, nn.Identity())
+    learned = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    if learned:
+        raise RuntimeError(
+            f"host steps of {config.arch!r} hold tensors {learned[:5]}: they must come from the checkpoint"
+        )
+    return model.eval()
+
+
+def rpn_proposals(
+    rpn: Any,
+    images: Any,
+    features: list[torch.Tensor],
+    objectness: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """torchvision ``RegionProposalNetwork.forward`` (eval) after its head: proposals per image.
+
+    Args:
+        rpn: the model's ``RegionProposalNetwork`` (anchor generator, box coder, filtering settings).
+        images: ``ImageList`` of the padded batch ``[B, 3, H, W]`` and its resized sizes.
+        features: FPN maps, float32 ``[B, C, H_l, W_l]`` per level.
+        objectness / deltas: RPN head outputs per level, ``[B, A, H_l, W_l]`` / ``[B, 4A, H_l, W_l]``.
+
+    Returns:
+        float32 ``[P_i, 4]`` proposals ``x1, y1, x2, y2`` in resized-image pixels, per image.
+    """
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    anchors = rpn.anchor_generator(images, features)
+    num_anchors_per_level = [int(o[0].numel()) for o in objectness]
+    flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+    proposals = rpn.box_coder.decode(flat_deltas, anchors).view(len(anchors), -1, 4)
+    boxes, _ = rpn.filter_proposals(proposals, flat_objectness, images.image_sizes, num_anchors_per_level)
+    return list(boxes)
+
+
+class StagedPipeline:
+    """The host side of the staged model: preprocessing, the FP32 steps between stages, and stage calls.
+
+    Args:
+        folder: the stage folder (model config, geometry, profile).
+        executor: runs the stage graphs; its ``device`` is where the host steps run.
+    """
+
+    def __init__(
+        self, folder: StageFolder, executor: StageExecutor, profile: StageProfile | None = None
+    ) -> None:
+        self.folder = folder
+        self.executor = executor
+        self.device = executor.device
+        self.config = folder.model_config
+        self.geometry: StageGeometry = folder.geometry
+        self.profile = profile or folder.profile
+        self.host: Any = build_host_model(self.config).to(self.device)
+        self.outputs = {s: folder.output_names(s) for s in MODEL_STAGES}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """RGB uint8 ``[H, W, 3]`` images -> padded float32 batch ``[B, 3, H', W']`` on the device and the
+        resized ``(h, w)`` of each image (torchvision's transform: normalise, resize, pad to 32)."""
+        tensors = [image_to_tensor(torch.from_numpy(im).to(self.device)) for im in images]
+        with torch.inference_mode():
+            batch, _ = self.host.transform(tensors)
+        return batch.tensors, [(int(h), int(w)) for h, w in batch.image_sizes]
+
+    def _run_rois(
+        self, stage: str, features: torch.Tensor, record: dict[str, Any] | None
+    ) -> dict[str, torch.Tensor]:
+        """Run a head on ``features [R, C, S, S]``: empty sets skip the executor, sets over the profile's maximum
+        run in chunks, and with an executor ``roi_bucket`` counts are zero-padded up to its multiple."""
+        count = int(features.shape[0])
+        if count == 0:
+            return self._empty_outputs(stage)
+        limit = self.profile.max_rois(stage)
+        bucket = self.executor.roi_bucket
+        chunks = []
+        for start in range(0, count, limit):
+            part = features[start : start + limit]
+            n = int(part.shape[0])
+            if bucket > 0 and n % bucket:
+                padded = min(-(-n // bucket) * bucket, max(limit, n))
+                part = torch.cat([part, part.new_zeros((padded - n, *part.shape[1:]))])
+            out = self.executor.run(stage, {STAGE_INPUTS[stage]: part})
+            chunks.append({k: v[:n] for k, v in out.items()})
+        outs = {k: torch.cat([c[k] for c in chunks]) if len(chunks) > 1 else chunks[0][k] for k in chunks[0]}
+        if record is not None:
+            record[stage] = outs
+        return outs
+
+    def _empty_outputs(self, stage: str) -> dict[str, torch.Tensor]:
+        g = self.geometry
+        k = g.num_classes
+        shapes = {
+            "class_logits": (0, k),
+            "box_regression": (0, 4 * k),
+            "mask_logits": (0, k, g.mask_size, g.mask_size),
+        }
+        return {n: torch.zeros(shapes[n], device=self.device) for n in self.outputs[stage]}
+
+    def forward(
+        self,
+        batch: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+        *,
+        timings: dict[str, float] | None = None,
+        record: dict[str, Any] | None = None,
+    ) -> list[RawOutput]:
+        """Detections for a padded batch, in resized-image pixels.
+
+        Args:
+            batch: float32 ``[B, 3, H, W]`` normalised, resized, padded (on the device).
+            image_sizes: resized ``(h, w)`` of each image inside the padding.
+            timings: if given, seconds per stage are added to it (keys :data:`TIMING_KEYS`).
+            record: if given, every stage's outputs are stored in it by stage name (for checks).
+
+        Returns:
+            per image ``(boxes float32 [N, 4], labels int64 [N], scores float32 [N], mask_probs float32 [N, M, M])``.
+        """
+        from torchvision.models.detection.image_list import ImageList
+        from torchvision.models.detection.roi_heads import maskrcnn_inference
+
+        clock = _Clock(self._sync, timings)
+        rh = self.host.roi_heads
+        with torch.inference_mode():
+            out = self.executor.run("backbone_rpn", {"images": batch})
+            if record is not None:
+                record["backbone_rpn"] = out
+            clock.lap("backbone_rpn")
+            levels = self.geometry.levels
+            features = OrderedDict((lv, out[f"feat_{lv}"]) for lv in levels)
+            objectness = [out[f"rpn_logits_{i}"] for i in range(len(levels))]
+            deltas = [out[f"rpn_deltas_{i}"] for i in range(len(levels))]
+            image_list = ImageList(batch, image_sizes)
+            proposals = rpn_proposals(self.host.rpn, image_list, list(features.values()), objectness, deltas)
+            if record is not None:
+                record["_features"], record["_proposals"] = features, proposals
+            box_features = rh.box_roi_pool(features, proposals, image_sizes)
+            clock.lap("rpn_post")
+            heads = self._run_rois("box_head", box_features, record)
+            clock.lap("box_head")
+            boxes, scores, labels = rh.postprocess_detections(
+                heads["class_logits"], heads["box_regression"], proposals, image_sizes
+            )
+            mask_features = rh.mask_roi_pool(features, boxes, image_sizes)
+            clock.lap("box_post")
+            masks = self._run_rois("mask_head", mask_features, record)
+            clock.lap("mask_head")
+            probs = maskrcnn_inference(masks["mask_logits"], labels)
+            clock.lap("mask_post")
+        return [(b, lab, s, p[:, 0]) for b, lab, s, p in zip(boxes, labels, scores, probs, strict=True)]
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        """:class:`Detections` (original-image pixels, host numpy) for images of any sizes, as one batch."""
+        from torchvision.models.detection.transform import resize_boxes
+
+        timings: dict[str, float] = {}
+        clock = _Clock(self._sync, timings)
+        batch, sizes = self.preprocess(images)
+        problem = self.profile.image_problem(*batch.shape[:1], *batch.shape[2:])
+        if problem is not None and self.executor.name == "tensorrt":
+            raise UserError(problem)
+        clock.lap("preprocess")
+        outs = self.forward(batch, sizes, timings=timings)
+        t0 = time.perf_counter()
+        results = []
+        for im, resized, (boxes, labels, scores, probs) in zip(images, sizes, outs, strict=True):
+            original = (int(im.shape[0]), int(im.shape[1]))
+            boxes = resize_boxes(boxes, list(resized), list(original))
+            results.append(
+                Detections(
+                    boxes=boxes.float().cpu().numpy(),
+                    labels=labels.cpu().numpy().astype(np.int64),
+                    scores=scores.float().cpu().numpy(),
+                    mask_probs=probs.float().cpu().numpy(),
+                    image_size=original,
+                )
+            )
+        timings["mask_post"] = time.perf_counter() - t0 + timings.get("mask_post", 0.0)
+        timings["network"] = sum(timings.get(s, 0.0) for s in MODEL_STAGES)
+        per_image = {k: v / len(images) for k, v in timings.items()}
+        for det in results:
+            det.timings = dict(per_image)
+        return results
+
+
+class _Clock:
+    """Adds the seconds since the last lap to ``timings[key]`` (synchronising the device first)."""
+
+    def __init__(self, sync: Callable[[], None], timings: dict[str, float] | None) -> None:
+        self.sync = sync
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        if self.timings is None:
+            return
+        self.sync()
+        now = time.perf_counter()
+        self.timings[key] = self.timings.get(key, 0.0) + now - self.last
+        self.last = now
+
+
+class _StagedRunnerBase(Runner):
+    """Shared by ``staged-onnx`` and ``trt``: a :class:`StagedPipeline` over an executor."""
+
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
+    model_suffixes: ClassVar[tuple[str, ...]] = ("/", ".json")
+    pipeline: StagedPipeline
+
+    def _make_pipeline(self) -> StagedPipeline:
+        raise NotImplementedError
+
+    def _load(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu"
+            )
+        self.pipeline = self._make_pipeline()
+        profile_batch = self.pipeline.profile.batch[2]
+        self.max_batch = int(self.options.get("max_batch", profile_batch))
+        if not 1 <= self.max_batch <= profile_batch and self.pipeline.executor.name == "tensorrt":
+            raise UserError(
+                f"max_batch {self.max_batch} must lie in [1, {profile_batch}] (the engines' profile)"
+            )
+
+    def _close(self) -> None:
+        self.pipeline.executor.close()
+        del self.pipeline
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _infer(self, image: np.ndarray) -> Detections:
+        return self.pipeline.detect([image])[0]
+
+    def _infer_batch(self, images: list[np.ndarray]) -> list[Detections]:
+        results: list[Detections] = []
+        for start in range(0, len(images), self.max_batch):
+            results.extend(self.pipeline.detect(images[start : start + self.max_batch]))
+        return results
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "arch": self.pipeline.config.arch,
+            "stages": str(self.pipeline.folder.root),
+            **self.pipeline.executor.info(),
+        }
+
+
+@register_runner
+class StagedOnnxRunner(_StagedRunnerBase):
+    """Stage graphs on ONNX Runtime (CPU provider, or CUDA provider with ``--device cuda``); host steps FP32
+    PyTorch on the same device. ``fp16`` runs the ``*.fp16.onnx`` graphs (on the CPU, ONNX Runtime computes
+    FP16 nodes without a CPU kernel in FP32 between Casts, so values are FP16-rounded, not FP16-accumulated)."""
+
+    name = "staged-onnx"
+    description = "stage graphs on ONNX Runtime + torchvision FP32 host steps"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "ONNX Runtime is not installed: pip install onnxruntime (or onnxruntime-gpu)"
+        return None
+
+    def _make_pipeline(self) -> StagedPipeline:
+        folder = load_stage_folder(self.model_path)
+        executor = OrtExecutor(folder.graphs(self.precision), device=self.device, threads=self.threads)
+        return StagedPipeline(folder, executor)
+
+
+def load_stage_checkpoint(folder: StageFolder, path: Path | None = None) -> Any:
+    """The checkpoint a stage folder was exported from (the manifest's path, or ``path``), after checking its
+    SHA-256 against the manifest.
+
+    Raises:
+        ModelFileError: the checkpoint is missing or is not the one the graphs were exported from.
+    """
+    from cellseg_deploy.io_utils import sha256_file
+    from cellseg_deploy.modeling.checkpoint import load_checkpoint
+
+    recorded = folder.manifest["checkpoint"]
+    ckpt_path = Path(path) if path is not None else Path(recorded["path"])
+    if not ckpt_path.is_file():
+        raise ModelFileError(
+            f"stage folder {folder.root} was exported from {ckpt_path}, which does not exist here; "
+            "pass its current location with option checkpoint=PATH"
+        )
+    if sha256_file(ckpt_path) != recorded["sha256"]:
+        raise ModelFileError(
+            f"checkpoint {ckpt_path} is not the one the stage graphs in {folder.root} were exported from "
+            f"(SHA-256 differs from {recorded['sha256'][:12]}...); re-export the stages or pass the right file"
+        )
+    return load_checkpoint(ckpt_path)
+
+
+def torch_stage_executor(
+    folder: StageFolder, precision: str, *, device: str = "cpu", checkpoint: Path | None = None
+) -> StageExecutor:
+    """A :class:`~cellseg_deploy.runners.stage_executors.TorchExecutor` running the stage modules of the
+    folder's source checkpoint in ``precision`` (what the graphs were traced from)."""
+    from cellseg_deploy.export.staged import build_stage_modules
+    from cellseg_deploy.runners.stage_executors import TorchExecutor
+
+    model = load_stage_checkpoint(folder, checkpoint).build_model()
+    modules = build_stage_modules(model, precision)
+    return TorchExecutor(modules, {s: folder.output_names(s) for s in MODEL_STAGES}, device=device)
+
+
+@register_runner
+class StagedTorchRunner(_StagedRunnerBase):
+    """The stage modules in PyTorch (from the checkpoint the stage folder references, SHA-256 checked) with the
+    same host steps: ``fp16`` keeps every activation in FP16, on the CPU too, so it is the faithful FP16
+    reference without a GPU. Option ``checkpoint``: where the source checkpoint is now, if it moved."""
+
+    name = "staged-torch"
+    description = "stage modules in PyTorch (fp16: real FP16 activations, CPU or GPU) + FP32 host steps"
+
+    def _make_pipeline(self) -> StagedPipeline:
+        folder = load_stage_folder(self.model_path)
+        path = self.options.get("checkpoint")
+        executor = torch_stage_executor(
+            folder, self.precision, device=self.device, checkpoint=Path(path) if path else None
+        )
+        return StagedPipeline(folder, executor)
+
+
+@register_runner
+class TrtRunner(_StagedRunnerBase):
+    """TensorRT engines for the stages on an NVIDIA GPU; host steps FP32 PyTorch on the same GPU.
+
+    ``model_path``: a stage folder (engines in ``engines/<precision>/``), an engine folder or ``engines.json``.
+    Options: ``rebuild`` (build engines that are missing or were built for another TensorRT version or GPU,
+    default false: such engines are refused with a one-line message), ``cuda_graphs`` (default false),
+    ``workspace_gib`` (for rebuilds, default 4), ``max_batch``.
+    """
+
+    name = "trt"
+    description = "TensorRT engines per stage + torchvision FP32 host steps (NVIDIA GPU)"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        from cellseg_deploy.export.tensorrt import trt_unavailable_reason
+
+        return trt_unavailable_reason()
+
+    def _make_pipeline(self) -> StagedPipeline:
+        from cellseg_deploy.export.tensorrt import (
+            build_engines,
+            current_environment,
+            engine_mismatch,
+            load_engine_set,
+            resolve_engine_manifest,
+        )
+        from cellseg_deploy.runners.stage_executors import TrtExecutor
+
+        device = self.device if self.device.startswith("cuda") else ""
+        if not device:
+            raise UserError("the trt runner runs on an NVIDIA GPU; pass --device cuda (or cuda:N)")
+        rebuild = _flag(self.options.get("rebuild", False))
+        manifest_path = resolve_engine_manifest(self.model_path, self.precision)
+        env = current_environment(torch.device(device).index or 0)
+        reason: str | None
+        if manifest_path.is_file():
+            engines = load_engine_set(manifest_path)
+            folder = load_stage_folder(engines.stage_dir)
+            current = {s: folder.graph_sha256(s, engines.manifest["graph_precision"]) for s in MODEL_STAGES}
+            reason = engine_mismatch(engines.manifest, env, current)
+            if reason is None and engines.precision != self.precision:
+                reason = f"{manifest_path} holds {engines.precision} engines, {self.precision} asked for; {_BUILD_HINT}"
+        else:
+            reason = f"no {self.precision} engines at {manifest_path.parent}; {_BUILD_HINT}"
+        if reason is not None:
+            if not rebuild:
+                raise ModelFileError(reason)
+            stage_dir = (
+                load_engine_set(manifest_path).stage_dir if manifest_path.is_file() else self.model_path
+            )
+            build_engines(
+                stage_dir,
+                manifest_path.parent,
+                fp16=self.precision == "fp16",
+                workspace_gib=float(self.options.get("workspace_gib", 4)),
+            )
+        engines = load_engine_set(manifest_path)
+        engines.verify_files()
+        folder = load_stage_folder(engines.stage_dir)
+        executor = TrtExecutor(
+            engines.engine_paths(), device=device, cuda_graphs=_flag(self.options.get("cuda_graphs", False))
+        )
+        return StagedPipeline(folder, executor, profile=engines.profile)
+
+
+_BUILD_HINT = "build them with 'cellseg-deploy export --format trt' (or runner option rebuild=true)"
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def check_stages_finite(
+    stage_dir: Path, precision: str, *, executor: StageExecutor | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Run a stage folder's stages on a synthetic image of the profile's largest size and report whether every
+    stage output is finite.
+
+    ``executor``: what runs the stages; default the PyTorch stage modules of the source checkpoint on the CPU
+    (:func:`torch_stage_executor`), which keep FP16 activations in FP16, so an overflow shows as inf (ONNX
+    Runtime's CPU provider would compute FP16 convolutions in FP32 and hide it).
+
+    The input is :func:`~cellseg_deploy.export.staged.synthetic_input` (noise, saturated blocks, bright
+    discs), normalised, ``[1, 3, H_max, W_max]``; the box head sees this image's proposals, the mask head its
+    detections and also (so it always runs at its largest RoI count) the top proposals.
+
+    Returns:
+        ``{"image": [H, W], "finite": bool, "stage_finite": {stage: bool}, "max_abs": {stage: float}}``.
+    """
+    from cellseg_deploy.export.staged import synthetic_input
+
+    folder = load_stage_folder(stage_dir)
+    executor = executor or torch_stage_executor(folder, precision)
+    pipeline = StagedPipeline(folder, executor)
+    h, w = pipeline.profile.image_max
+    image = synthetic_input(h, w, seed=seed)[0]
+    batch = pipeline.host.transform.normalize(image)[None]
+    record: dict[str, Mapping[str, torch.Tensor]] = {}
+    pipeline.forward(batch, [(h, w)], record=record)
+    # The mask head sees only the detections above the score threshold (maybe none on this image): also run
+    # it on as many of the top proposals as one call takes.
+    top = [p[: pipeline.profile.max_rois("mask_head")] for p in record["_proposals"]]
+    with torch.inference_mode():
+        feats = pipeline.host.roi_heads.mask_roi_pool(record["_features"], top, [(h, w)])
+        extra = pipeline.executor.run("mask_head", {"mask_features": feats}) if len(feats) else {}
+    record["mask_head"] = {**record.get("mask_head", {}), **{f"{k}@proposals": v for k, v in extra.items()}}
+    stage_finite = {
+        s: all(bool(torch.isfinite(t).all()) for t in record[s].values()) if s in record else True
+        for s in MODEL_STAGES
+    }
+    max_abs = {
+        s: max((float(t.abs().max()) for t in record[s].values() if t.numel()), default=0.0)
+        if s in record
+        else 0.0
+        for s in MODEL_STAGES
+    }
+    pipeline.executor.close()
+    return {
+        "image": [h, w],
+        "finite": all(stage_finite.values()),
+        "stage_finite": stage_finite,
+        "max_abs": max_abs,
+    }

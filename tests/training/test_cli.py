@@ -1,0 +1,109 @@
+"""``cellseg-deploy train``: bad recipes and flags give one line naming the key and exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cellseg_deploy.cli.main import main
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["train", *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture
+def empty_root(tmp_path: Path) -> Path:
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    ("flags", "must_name"),
+    [
+        (["--set", "optim.lrr=0.1"], ["optim", "lrr", "'lr'"]),
+        (["--set", "train.epochs=many"], ["train.epochs", "an integer"]),
+        (["--set", "model.arch=resnet9"], ["model.arch", "'tiny'", "'r50-fpn'"]),
+        (["--set", "optim.name=rmsprop"], ["optim.name", "'sgd'", "'adamw'"]),
+        (["--recipe", "no_such_recipe"], ["no_such_recipe", "tiny_cpu"]),
+        (["--device", "tpu"], ["train.device", "'cpu'", "'cuda'"]),
+        (["--set", "train.precision=amp", "--device", "cpu"], ["train.precision", "CUDA", "bf16"]),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line_naming_the_key(
+    capsys: pytest.CaptureFixture[str],
+    empty_root: Path,
+    tmp_path: Path,
+    flags: list[str],
+    must_name: list[str],
+) -> None:
+    code, err = _run(capsys, "--data", str(empty_root), "--out", str(tmp_path / "run"), *flags)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    for part in must_name:
+        assert part in err, (part, err)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_missing_data_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, err = _run(capsys, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "train/" in err and "nowhere" in err
+
+
+def test_dataset_without_samples(
+    capsys: pytest.CaptureFixture[str], empty_root: Path, tmp_path: Path
+) -> None:
+    code, err = _run(capsys, "--data", str(empty_root), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "at least 2" in err
+
+
+def test_resume_without_a_run(capsys: pytest.CaptureFixture[str], empty_root: Path, tmp_path: Path) -> None:
+    code, err = _run(capsys, "--data", str(empty_root), "--out", str(tmp_path / "run"), "--resume")
+    assert code == 2
+    assert "nothing to resume" in err and len(err.splitlines()) == 1
+
+
+def test_missing_init_file(capsys: pytest.CaptureFixture[str], empty_root: Path, tmp_path: Path) -> None:
+    code, err = _run(
+        capsys, "--data", str(empty_root), "--out", str(tmp_path / "run"), "--init", str(tmp_path / "w.pth")
+    )
+    assert code == 2
+    assert "w.pth" in err and len(err.splitlines()) == 1
+
+
+def test_pretrained_download_failure_is_one_clear_line(empty_root: Path, tmp_path: Path) -> None:
+    """torchvision's download fails (no network, forced here through an unreachable proxy): one line that
+    names the offline alternatives, exit 2, quickly."""
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch_home"),  # no cached weights
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellseg_deploy.cli.main", "train", "--data", str(empty_root), "--out",
+         str(tmp_path / "run"), "--pretrained", "imagenet", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "--init" in lines[0] and "--pretrained-backbone" in lines[0] and "download" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_has_an_example(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "cellseg-deploy train --data" in out and "torchrun" in out and "--set" in out
