@@ -182,9 +182,12 @@ def collate(
 
 
 def validation_ground_truth(dataset: InstanceDataset) -> dict[str, Any]:
-    """The COCO ground truth of ``dataset``'s samples; image ``i`` gets id ``i + 1``."""
-    from cellseg_deploy.data.coco import samples_to_coco
-    from cellseg_deploy.data.layout import load_sample
+    """The COCO ground truth of ``dataset``'s samples, in the dataset's order.
 
-    samples = [load_sample(dataset.root, sid) for sid in dataset.ids]
-    return samples_to_coco(samples)
+    Built by :func:`cellseg_deploy.data.coco.samples_to_coco` with the image ids of
+    :func:`~cellseg_deploy.data.coco.train_image_ids` (a sample's index among all training folders): for the
+    full validation split this is exactly what ``cellseg-deploy eval --split val`` scores against.
+    """
+    from cellseg_deploy.data.coco import iter_samples, samples_to_coco, train_image_ids
+
+    return samples_to_coco(iter_samples(dataset.root, dataset.ids), image_ids=train_image_ids(dataset.root))

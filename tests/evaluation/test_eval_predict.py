@@ -24,6 +24,7 @@ from cellseg_deploy.errors import DataError, UserError
 from cellseg_deploy.evaluation import (
     evaluate,
     evaluate_model,
+    instances_to_results,
     infer_engine,
     predict_folder,
     read_submission,
@@ -308,3 +309,25 @@ def test_cli_eval_and_predict(
     )
     err = capsys.readouterr().err
     assert rc == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
+
+
+def test_submission_for_a_synthetic_test_set_loads_against_its_ground_truth(runner: Any, tmp_path: Path) -> None:
+    from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
+
+    root = tmp_path / "synth"
+    config = SynthConfig(n_train=0, n_test=3, min_size=48, max_size=96, min_cells=3, max_cells=12, seed=3)
+    make_synthetic_dataset(root, config, progress=False)
+    summary = predict_folder(runner, root / "test_release", None, tmp_path / "sub.zip", progress=False)
+    results = read_submission(summary.out_zip)
+    assert summary.num_predicted == 3 and len(results) > 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(root / "test_ground_truth.json"))
+        coco_dt = coco_gt.loadRes(results)
+    assert {a["image_id"] for a in coco_dt.dataset["annotations"]} <= set(coco_gt.getImgIds())
+    for r in results:
+        img = coco_gt.imgs[r["image_id"]]
+        assert r["segmentation"]["size"] == [img["height"], img["width"]]
+    # The same ground truth through the project's evaluation.
+    gt, preds = run_dataset(runner, root, "test", progress=False)
+    res = evaluate(gt, [r for i in sorted(preds) for r in instances_to_results(i, preds[i])])
+    assert res.num_images == 3 and res.metrics["segm"]["num_detections"] == len(results)
