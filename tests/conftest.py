@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -69,3 +70,32 @@ def random_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny-random.pt"
     save_checkpoint(path, model, config)
     return path
+
+
+class TrainedTiny(NamedTuple):
+    """What ``trained_tiny`` gives: a checkpoint and the synthetic dataset it was trained on."""
+
+    checkpoint: Path
+    data_root: Path
+
+
+# The tiny_cpu recipe, bounded for CI: 12 synthetic training images (10 train / 2 val), about 100 steps.
+TRAINED_TINY_DATA = {"n_train": 12, "n_test": 4, "min_size": 128, "max_size": 192, "seed": 0}
+TRAINED_TINY_OVERRIDES = ["train.epochs=20", "val.every_epochs=20", "train.checkpoint_every_steps=0"]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> TrainedTiny:
+    """A ``tiny`` model trained from random init on a small synthetic set (12 train + 4 test images of
+    128-192 px, seed 0) with the ``tiny_cpu`` recipe for about 100 steps: real detections, several scoring
+    >= 0.5. Built once per session (about a minute on 2 cores). ``checkpoint`` is the run's ``best.pt``;
+    ``data_root`` holds ``train/``, ``test_release/``, the id map and ``test_ground_truth.json``."""
+    from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
+    from cellseg_deploy.training import load_recipe, train
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    data_root = root / "data"
+    make_synthetic_dataset(data_root, SynthConfig(**TRAINED_TINY_DATA), progress=False)
+    result = train(load_recipe("tiny_cpu", TRAINED_TINY_OVERRIDES), data_root, root / "run", progress=False)
+    assert result.best_checkpoint is not None
+    return TrainedTiny(result.best_checkpoint, data_root)

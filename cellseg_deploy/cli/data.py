@@ -17,18 +17,40 @@ def data() -> None:
 @data.command("synth")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--train", "n_train", type=int, default=48, show_default=True, help="Training images.")
-@click.option("--test", "n_test", type=int, default=8, show_default=True, help="Test images (with COCO ground truth).")
+@click.option(
+    "--test", "n_test", type=int, default=8, show_default=True, help="Test images (with COCO ground truth)."
+)
 @click.option("--min-size", type=int, default=160, show_default=True, help="Smallest image side (px).")
 @click.option("--max-size", type=int, default=320, show_default=True, help="Largest image side (px).")
 @click.option("--min-cells", type=int, default=15, show_default=True, help="Fewest cells per image.")
 @click.option("--max-cells", type=int, default=80, show_default=True, help="Most cells per image (density).")
-@click.option("--extremes/--no-extremes", default=False, show_default=True,
-              help="Add a ~40 px image, a 1100x1300 dense image and one whose IDs pass 255.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same bytes.")
+@click.option(
+    "--extremes/--no-extremes",
+    default=False,
+    show_default=True,
+    help="Add a ~40 px image, a 1100x1300 dense image and one whose IDs pass 255.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same bytes."
+)
 @json_option
-def synth(out: Path, n_train: int, n_test: int, min_size: int, max_size: int, min_cells: int, max_cells: int,
-          extremes: bool, seed: int, json_path: Path | None) -> None:
+def synth(
+    out: Path,
+    n_train: int,
+    n_test: int,
+    min_size: int,
+    max_size: int,
+    min_cells: int,
+    max_cells: int,
+    extremes: bool,
+    seed: int,
+    json_path: Path | None,
+) -> None:
     """Write synthetic microscopy in the exact competition format to OUT.
+
+    train/<uuid>/image.tif (RGBA LZW) + classK.tif (float64 IDs), test_release/, the test id map and the
+    test ground truth as COCO (test_ground_truth.json). The same options and seed give the same bytes;
+    OUT must not hold another dataset. The defaults make a small set that a tiny CPU model learns quickly.
 
     \b
     Example:
@@ -37,8 +59,16 @@ def synth(out: Path, n_train: int, n_test: int, min_size: int, max_size: int, mi
     """
     from cellseg_deploy.data.synth import SynthConfig, describe, make_synthetic_dataset
 
-    config = SynthConfig(n_train=n_train, n_test=n_test, min_size=min_size, max_size=max_size,
-                         min_cells=min_cells, max_cells=max_cells, seed=seed, extremes=extremes)
+    config = SynthConfig(
+        n_train=n_train,
+        n_test=n_test,
+        min_size=min_size,
+        max_size=max_size,
+        min_cells=min_cells,
+        max_cells=max_cells,
+        seed=seed,
+        extremes=extremes,
+    )
     summary = make_synthetic_dataset(out, config)
     click.echo(describe(summary))
     write_json_result(json_path, summary.to_dict())
@@ -49,6 +79,11 @@ def synth(out: Path, n_train: int, n_test: int, min_size: int, max_size: int, mi
 @json_option
 def check(root: Path, json_path: Path | None) -> None:
     """Validate the dataset at ROOT and print its statistics; exit 1 if it has defects.
+
+    Each defect is one line on stderr naming the file: missing or unreadable image.tif, corrupt or
+    truncated TIFF, a mask whose shape differs from its image, non-integer / negative / NaN IDs, a class
+    file outside class1..class4, an empty train folder, a test id map that does not match test_release/.
+    Nothing is modified.
 
     \b
     Example:
@@ -68,13 +103,25 @@ def check(root: Path, json_path: Path | None) -> None:
 
 @data.command("to-coco")
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="COCO JSON to write.")
-@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True,
-              help="all = every training image; train/val = the seeded split; test = the synthetic test ground truth.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of training images in val.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="COCO JSON to write."
+)
+@click.option(
+    "--split",
+    type=click.Choice(["all", "train", "val", "test"]),
+    default="all",
+    show_default=True,
+    help="all = every training image; train/val = the seeded split; test = the synthetic test ground truth.",
+)
+@click.option(
+    "--val-fraction", type=float, default=0.2, show_default=True, help="Share of training images in val."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
 def to_coco(root: Path, out: Path, split: str, val_fraction: float, seed: int) -> None:
-    """Write COCO instance annotations (RLE masks) of a dataset split.
+    """Write COCO instance annotations (RLE masks at full size) of a dataset split.
+
+    Training images get image id = 1-based index among all sorted train/ folders (the same in every
+    split) and carry "sample_id"; test images keep the ids of test_image_name_to_ids.json.
 
     \b
     Example:
@@ -83,6 +130,6 @@ def to_coco(root: Path, out: Path, split: str, val_fraction: float, seed: int) -
     from cellseg_deploy.data.coco import dataset_to_coco
     from cellseg_deploy.io_utils import atomic_write_json
 
-    gt = dataset_to_coco(root, split, val_fraction=val_fraction, seed=seed)
+    gt = dataset_to_coco(root, split, val_fraction=val_fraction, seed=seed, progress=True)
     atomic_write_json(out, gt, indent=None)
     click.echo(f"wrote {out}: {len(gt['images'])} images, {len(gt['annotations'])} instances ({split})")

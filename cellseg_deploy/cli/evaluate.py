@@ -205,7 +205,7 @@ def predict_cmd(
 ) -> None:
     """Predict every image in IMAGES_DIR and write the competition submission (zip + test-results.json).
 
-    IMAGES_DIR is test_release/ (ids from its id map) or any folder of TIFF/PNG images (ids 1..N in
+    IMAGES_DIR is test_release/ (ids from its id map) or any folder of TIFF/PNG/JPEG images (ids 1..N in
     sorted file-name order; the output says which). An unreadable image is skipped and named at the end,
     and the exit code is then 1 (the submission holds the other images); --strict stops at it with exit 2.
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from cellseg_deploy import CLASS_NAMES
-from cellseg_deploy.data.io import IMAGE_SUFFIXES, read_id_mask, read_image
-from cellseg_deploy.errors import DataError
+from cellseg_deploy.data.io import IMAGE_SUFFIXES, image_size, read_id_mask, read_image
+from cellseg_deploy.errors import ConfigError, DataError
 
 CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
 TEST_MAP_NAME = "test_image_name_to_ids.json"
@@ -73,7 +73,9 @@ def train_dir(root: str | Path) -> Path:
     """``root/train``; raises :class:`DataError` when the dataset root or the folder is missing."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist; make one with 'cellseg-deploy data synth {root}'")
+        raise DataError(
+            f"dataset folder {root} does not exist; make one with 'cellseg-deploy data synth {root}'"
+        )
     folder = root / "train"
     if not folder.is_dir():
         raise DataError(f"{root} has no train/ folder; expected train/<id>/image.tif + classK.tif")
@@ -125,6 +127,9 @@ def instances_from_id_mask(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 def load_sample(root: str | Path, sample_id: str) -> Sample:
     """Read ``root/train/<sample_id>``: the image and every ``classK.tif`` (K in 1..4).
 
+    Memory: ``masks`` is dense, ``N * H * W`` bytes (161 instances at 397 x 482: 31 MB; 700 at 2500 x 1900
+    would be 3.3 GB), so callers that hold many samples should keep boxes and crops instead.
+
     Raises:
         DataError: missing image, unreadable files, a mask whose shape differs from the image, bad IDs, or a
             class file outside 1..4.
@@ -169,7 +174,7 @@ def split_train_val(ids: list[str], val_fraction: float = 0.2, seed: int = 0) ->
     the fraction — not on their order, not on Python's hash seed.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     unique = sorted(set(ids))
     n_val = round(len(unique) * val_fraction)
     if val_fraction > 0 and len(unique) >= 2:
@@ -181,48 +186,97 @@ def split_train_val(ids: list[str], val_fraction: float = 0.2, seed: int = 0) ->
     return train, val
 
 
-def load_test_index(root: str | Path) -> list[TestEntry]:
-    """The test images from ``test_image_name_to_ids.json`` and ``test_release/``, in map order.
+def read_test_index(root: str | Path, check_sizes: bool = False) -> tuple[list[TestEntry], list[str]]:
+    """The test images of ``test_image_name_to_ids.json`` + ``test_release/``, and every problem found.
 
-    Raises:
-        DataError: a missing map or folder, a malformed entry, duplicate ids or names, a listed file that is
-            missing, or an image in the folder that the map does not list.
+    Returns:
+        ``(entries, problems)``: the entries that point at an existing file (in map order) and one line per
+        problem: a missing map or folder, invalid JSON, a malformed entry, a duplicate id or file name, a listed
+        file that is missing, an image in the folder that the map does not list, and (with ``check_sizes``)
+        an image whose height or width differs from the map (read from the TIFF header, no decoding).
     """
     root = Path(root)
     map_path, folder = root / TEST_MAP_NAME, root / "test_release"
+    problems: list[str] = []
     if not map_path.is_file():
-        raise DataError(f"{map_path}: test id map not found")
+        problems.append(f"{map_path}: test id map not found (expected beside test_release/)")
     if not folder.is_dir():
-        raise DataError(f"{folder}: test image folder not found")
+        problems.append(f"{folder}: test image folder not found (expected beside {TEST_MAP_NAME})")
+    if problems:
+        return [], problems
     try:
         entries = json.loads(map_path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{map_path}: not valid JSON ({_first(exc)})") from exc
+        return [], [f"{map_path}: not valid JSON ({_first(exc)})"]
     if not isinstance(entries, list):
-        raise DataError(f"{map_path}: expected a JSON list of {{file_name, id, height, width}}")
+        return [], [
+            f"{map_path}: expected a JSON list of {{file_name, id, height, width}}, got {type(entries).__name__}"
+        ]
     out: list[TestEntry] = []
-    seen_ids: set[int] = set()
+    seen_ids: dict[int, str] = {}
     seen_names: set[str] = set()
     for i, e in enumerate(entries):
+        if isinstance(e, dict) and "file_name" in e:
+            if str(e["file_name"]) in seen_names:
+                problems.append(f"{map_path}: file {e['file_name']} appears more than once")
+                continue
+            seen_names.add(str(e["file_name"]))  # listed, even if the entry is broken: no second complaint
         if not isinstance(e, dict) or not {"file_name", "id", "height", "width"} <= set(e):
-            raise DataError(f"{map_path}: entry {i} lacks one of file_name, id, height, width")
+            problems.append(f"{map_path}: entry {i} lacks one of file_name, id, height, width")
+            continue
         name, image_id = str(e["file_name"]), e["id"]
-        if not isinstance(image_id, int) or isinstance(image_id, bool):
-            raise DataError(f"{map_path}: entry {i} ({name}) has a non-integer id {image_id!r}")
+        sizes = (e["height"], e["width"])
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in (image_id, *sizes)):
+            problems.append(f"{map_path}: entry {i} ({name}) has a non-integer id, height or width")
+            continue
         if image_id in seen_ids:
-            raise DataError(f"{map_path}: id {image_id} appears more than once")
-        if name in seen_names:
-            raise DataError(f"{map_path}: file {name} appears more than once")
-        seen_ids.add(image_id)
-        seen_names.add(name)
+            problems.append(
+                f"{map_path}: id {image_id} appears more than once ({seen_ids[image_id]} and {name})"
+            )
+            continue
+        seen_ids[image_id] = name
         path = folder / name
         if not path.is_file():
-            raise DataError(f"{map_path}: lists {name}, which is not in {folder}")
-        out.append(TestEntry(name, int(image_id), int(e["height"]), int(e["width"]), path))
-    extra = sorted(p.name for p in list_images(folder) if p.name not in seen_names)
-    if extra:
-        raise DataError(f"{folder}: {len(extra)} image(s) not listed in {TEST_MAP_NAME}, e.g. {extra[0]}")
-    return out
+            problems.append(f"{map_path}: lists {name}, which is not in {folder}")
+            continue
+        entry = TestEntry(name, int(image_id), int(e["height"]), int(e["width"]), path)
+        if check_sizes:
+            try:
+                h, w = image_size(path)
+            except DataError as exc:
+                problems.append(str(exc))
+                continue
+            if (h, w) != (entry.height, entry.width):
+                problems.append(
+                    f"{map_path}: {name} is {h}x{w} (HxW) but the map says {entry.height}x{entry.width}"
+                )
+        out.append(entry)
+    for p in list_images(folder):
+        if p.name not in seen_names:
+            problems.append(f"{folder / p.name}: image not listed in {TEST_MAP_NAME}")
+    return out, problems
+
+
+def load_test_index(root: str | Path, check_sizes: bool = False) -> list[TestEntry]:
+    """The test images from ``test_image_name_to_ids.json`` and ``test_release/``, in map order.
+
+    Args:
+        root: the dataset root.
+        check_sizes: also compare each image's height and width (TIFF header) with the map.
+
+    Raises:
+        DataError: a missing map or folder, a malformed entry, duplicate ids or names, a listed file that is
+            missing, or an image in the folder that the map does not list: the first problem, and how many more.
+    """
+    entries, problems = read_test_index(root, check_sizes=check_sizes)
+    if problems:
+        more = (
+            f" (and {len(problems) - 1} more problem(s); run 'cellseg-deploy data check')"
+            if len(problems) > 1
+            else ""
+        )
+        raise DataError(problems[0] + more)
+    return entries
 
 
 def list_images(folder: str | Path) -> list[Path]:

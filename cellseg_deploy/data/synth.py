@@ -23,6 +23,7 @@ timestamps, so the same seed gives the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ from tqdm import tqdm
 from cellseg_deploy.data.coco import categories, sample_annotations
 from cellseg_deploy.data.io import write_id_mask_tif, write_image_tif
 from cellseg_deploy.data.layout import TEST_GT_NAME, TEST_MAP_NAME, Sample, instances_from_id_mask
-from cellseg_deploy.errors import ConfigError
-from cellseg_deploy.io_utils import atomic_write_json
+from cellseg_deploy.errors import ConfigError, DataError
+from cellseg_deploy.io_utils import atomic_write_json, atomic_write_with
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,22 @@ class SynthConfig:
     min_area: int = 12
 
     def __post_init__(self) -> None:
-        if self.n_train < 0 or self.n_test < 0 or self.n_train + self.n_test == 0:
-            raise ConfigError(f"--train and --test must be >= 0 and not both 0, got {self.n_train}, {self.n_test}")
+        if self.n_train < 0 or self.n_test < 0 or (self.n_train + self.n_test == 0 and not self.extremes):
+            raise ConfigError(
+                f"--train and --test must be >= 0 and not both 0, got {self.n_train}, {self.n_test}"
+            )
         if not 16 <= self.min_size <= self.max_size:
-            raise ConfigError(f"sizes must satisfy 16 <= --min-size <= --max-size, got {self.min_size}, {self.max_size}")
+            raise ConfigError(
+                f"sizes must satisfy 16 <= --min-size <= --max-size, got {self.min_size}, {self.max_size}"
+            )
         if not 0 <= self.min_cells <= self.max_cells:
-            raise ConfigError(f"cells must satisfy 0 <= --min-cells <= --max-cells, got {self.min_cells}, {self.max_cells}")
+            raise ConfigError(
+                f"cells must satisfy 0 <= --min-cells <= --max-cells, got {self.min_cells}, {self.max_cells}"
+            )
+        if not 0.0 <= self.cluster_fraction <= 1.0 or self.min_area < 1:
+            raise ConfigError(
+                f"cluster_fraction must lie in [0, 1] and min_area be >= 1, got {self.cluster_fraction}, {self.min_area}"
+            )
 
 
 @dataclass
@@ -128,7 +139,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     base = np.array([228, 212, 226], np.float32) + rng.normal(0, 5, 3).astype(np.float32)
     gh, gw = max(2, h // 48 + 2), max(2, w // 48 + 2)
     low = cv2.resize(rng.normal(0, 1, (gh, gw, 2)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-    stain = low[:, :, :1] * np.array([12, 12, 10], np.float32) + low[:, :, 1:] * np.array([5, -3, 4], np.float32)
+    stain = low[:, :, :1] * np.array([12, 12, 10], np.float32) + low[:, :, 1:] * np.array(
+        [5, -3, 4], np.float32
+    )
     fibres = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 2.0)[:, :, None]
     grain = rng.normal(0, 4.0, (h, w, 1)).astype(np.float32)
     return base + stain + fibres * np.array([40, 45, 35], np.float32) + grain
@@ -150,7 +163,9 @@ def render_image(
     owner = np.full((h, w), -1, np.int32)
     freqs = np.array([c.frequency for c in CELL_CLASSES])
     labels = rng.choice(len(CELL_CLASSES), size=n_cells, p=freqs / freqs.sum())
-    shapes, windows, centres = [], [], []
+    shapes: list[tuple[float, float, float, np.ndarray]] = []
+    windows: list[tuple[int, int, int, int]] = []
+    centres: list[tuple[float, float]] = []
     for i in range(n_cells):
         kind = CELL_CLASSES[labels[i]]
         a, b, angle, harm = _cell_shape(rng, kind)
@@ -161,7 +176,7 @@ def render_image(
             cy, cx = centres[j][0] + dist * np.sin(direction), centres[j][1] + dist * np.cos(direction)
         else:
             cy, cx = rng.uniform(-0.3 * a, h + 0.3 * a), rng.uniform(-0.3 * a, w + 0.3 * a)
-        r = int(np.ceil(a * 1.2)) + 1
+        r = int(np.ceil(a * (1.0 + np.abs(harm).sum()))) + 1  # the outline never leaves its window
         y0, y1 = max(int(cy) - r, 0), min(int(cy) + r + 1, h)
         x0, x1 = max(int(cx) - r, 0), min(int(cx) + r + 1, w)
         shapes.append((a, b, angle, harm))
@@ -174,15 +189,18 @@ def render_image(
         ca, sa = np.cos(angle), np.sin(angle)
         u, v = dx * ca + dy * sa, -dx * sa + dy * ca
         theta = np.arctan2(v, u)
-        wobble = 1.0 + sum(harm[k, 0] * np.cos((k + 2) * theta) + harm[k, 1] * np.sin((k + 2) * theta) for k in range(3))
+        wobble = 1.0 + sum(
+            harm[k, 0] * np.cos((k + 2) * theta) + harm[k, 1] * np.sin((k + 2) * theta) for k in range(3)
+        )
         inside = (u / a) ** 2 + (v / b) ** 2 <= wobble**2
         owner[y0:y1, x0:x1][inside] = i
     # Visible areas after occlusion; tiny remnants go back to background.
     areas = np.bincount(owner[owner >= 0], minlength=n_cells)
     keep = areas >= min_area
-    owner[(owner >= 0) & ~keep[np.maximum(owner, 0)]] = -1
+    if n_cells:  # an image may have no cells at all
+        owner[(owner >= 0) & ~keep[np.maximum(owner, 0)]] = -1
     # Paint the visible part of every kept cell: colour, radial shading, texture.
-    for i in np.flatnonzero(keep):
+    for i in np.flatnonzero(keep).tolist():
         kind = CELL_CLASSES[labels[i]]
         y0, y1, x0, x1 = windows[i]
         if y1 <= y0 or x1 <= x0:
@@ -253,26 +271,84 @@ def _sample_from(image: SynthImage, sample_id: str) -> Sample:
     )
 
 
-def make_synthetic_dataset(out: str | Path, config: SynthConfig | None = None, progress: bool = True) -> SynthSummary:
+def _stale_entries(out: Path, train_names: set[str], test_names: set[str]) -> list[Path]:
+    """Entries of an earlier dataset in ``out`` that this run would not overwrite (they would mix in).
+
+    Hidden names (a temporary file left by an interrupted run) are ignored: no reader looks at them.
+    """
+    stale: list[Path] = []
+    if (out / "train").is_dir():
+        stale += [
+            p
+            for p in sorted((out / "train").iterdir())
+            if p.name not in train_names and not p.name.startswith(".")
+        ]
+    if (out / "test_release").is_dir():
+        stale += [
+            p
+            for p in sorted((out / "test_release").iterdir())
+            if p.name not in test_names and not p.name.startswith(".")
+        ]
+    if not test_names:
+        stale += [p for p in (out / TEST_MAP_NAME, out / TEST_GT_NAME) if p.exists()]
+    return stale
+
+
+def make_synthetic_dataset(
+    out: str | Path, config: SynthConfig | None = None, progress: bool = True
+) -> SynthSummary:
     """Write a synthetic dataset in the competition layout into ``out`` (see :mod:`cellseg_deploy.data.layout`).
 
-    Existing files of the same names are overwritten; nothing else in ``out`` is touched.
+    Writes ``train/<uuid>/image.tif`` (RGBA uint8, LZW, alpha 255), ``train/<uuid>/classK.tif`` (float64,
+    uncompressed, only the classes present), ``test_release/<uuid>.tif``, ``test_image_name_to_ids.json`` (ids
+    1..n_test in generation order) and ``test_ground_truth.json`` (COCO, those ids, RLE at full size). Names
+    are uuid-like strings drawn from the seed; image ``i`` of each side is drawn from its own stream
+    ``(seed, side, i)``. Every file is written atomically (temporary name, then rename).
+
+    Running again with the same config into the same folder rewrites the same files (idempotent).
+
+    Args:
+        out: the dataset folder (created if needed).
+        config: what to make (default: :class:`SynthConfig` defaults).
+        progress: a tqdm bar (rate, ETA) on a terminal.
+
+    Raises:
+        DataError: ``out`` already holds sample folders, test images or a test map that this config would not
+            write (an earlier run with other settings); they would silently mix into the new set.
     """
     config = config or SynthConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} exists and is not a folder; choose a folder for the synthetic dataset")
     root_rng = np.random.default_rng(config.seed)
     train_plans = _plan(config, root_rng, config.n_train)
     if config.extremes:
         train_plans += list(EXTREME_PLANS)
     test_plans = _plan(config, root_rng, config.n_test)
-    jobs = [("train", i, p) for i, p in enumerate(train_plans)] + [("test", i, p) for i, p in enumerate(test_plans)]
+    jobs = [("train", i, p) for i, p in enumerate(train_plans)] + [
+        ("test", i, p) for i, p in enumerate(test_plans)
+    ]
     name_rng = np.random.default_rng([config.seed, 7])
     names = [_uuid(name_rng) for _ in jobs]
+    train_names = {n for (side, _, _), n in zip(jobs, names, strict=True) if side == "train"}
+    test_names = {f"{n}.tif" for (side, _, _), n in zip(jobs, names, strict=True) if side == "test"}
+    stale = _stale_entries(out, train_names, test_names)
+    if stale:
+        raise DataError(
+            f"{out} already holds {len(stale)} file(s) or folder(s) from another dataset (e.g. {stale[0]}); "
+            "write to a new folder or delete the old one first"
+        )
     total = most = max_id = 0
     test_map: list[dict[str, Any]] = []
     test_images: list[dict[str, Any]] = []
     test_anns: list[dict[str, Any]] = []
-    bar = tqdm(zip(jobs, names, strict=True), total=len(jobs), desc="synth", unit="img", disable=not progress)
+    bar = tqdm(
+        zip(jobs, names, strict=True),
+        total=len(jobs),
+        desc="synth",
+        unit="img",
+        disable=None if progress else True,
+    )
     for (side, index, (h, w, cells)), name in bar:
         rng = np.random.default_rng([config.seed, 0 if side == "train" else 1, index])
         img = render_image(rng, h, w, cells, config.cluster_fraction, config.min_area)
@@ -282,24 +358,29 @@ def make_synthetic_dataset(out: str | Path, config: SynthConfig | None = None, p
         max_id = max([max_id, *(int(m.max()) for m in img.id_masks.values())])
         if side == "train":
             folder = out / "train" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            write_image_tif(folder / "image.tif", img.image)
+            _write(folder / "image.tif", write_image_tif, img.image)
             for k, id_mask in sorted(img.id_masks.items()):
-                write_id_mask_tif(folder / f"class{k}.tif", id_mask)
+                _write(folder / f"class{k}.tif", write_id_mask_tif, id_mask)
         else:
-            (out / "test_release").mkdir(parents=True, exist_ok=True)
             file_name = f"{name}.tif"
-            write_image_tif(out / "test_release" / file_name, img.image)
+            _write(out / "test_release" / file_name, write_image_tif, img.image)
             image_id = index + 1
             test_map.append({"file_name": file_name, "id": image_id, "height": h, "width": w})
             test_images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
             test_anns += sample_annotations(_sample_from(img, name), image_id, len(test_anns) + 1)
+    out.mkdir(parents=True, exist_ok=True)
     if config.n_test:
         atomic_write_json(out / TEST_MAP_NAME, test_map)
         atomic_write_json(
-            out / TEST_GT_NAME, {"images": test_images, "annotations": test_anns, "categories": categories()}, indent=None
+            out / TEST_GT_NAME,
+            {"images": test_images, "annotations": test_anns, "categories": categories()},
+            indent=None,
         )
     return SynthSummary(out, len(train_plans), len(test_plans), total, most, max_id, asdict(config))
+
+
+def _write(path: Path, writer: Callable[[Path, np.ndarray], None], array: np.ndarray) -> None:
+    atomic_write_with(path, lambda tmp: writer(tmp, array))
 
 
 def describe(summary: SynthSummary) -> str:
@@ -308,5 +389,3 @@ def describe(summary: SynthSummary) -> str:
         f"wrote {summary.n_train} training and {summary.n_test} test images to {summary.root} "
         f"({summary.instances} instances, at most {summary.max_instances} in one image, highest ID {summary.max_id})"
     )
-
-

@@ -429,7 +429,7 @@ class ParityReport:
 
     images: list[ImageParity]
     overall: dict[str, Any]
-    ap50_gt: dict[str, float | None]
+    ap50_gt: dict[str, Any]
     profile: ToleranceProfile
     failures: list[str]
     settings: dict[str, Any] = field(default_factory=dict)
@@ -516,6 +516,12 @@ class ParityReport:
             "",
             format_table(self.checks(), ["check", "value", "limit", "ok"]),
         ]
+        gt = self.ap50_gt
+        if gt.get("reference") is not None or gt.get("candidate") is not None:
+            lines.append(
+                f"segm AP50 against the ground truth: reference {_f(gt.get('reference'))}, candidate "
+                f"{_f(gt.get('candidate'))} (COCOeval cap {gt.get('max_dets')} per image and category)"
+            )
         if self.overall.get("class_changed"):
             lines.append(
                 f"note: {self.overall['class_changed']} missed instance(s) were found with another class"
@@ -564,9 +570,7 @@ class _Check:
         return self.value <= self.limit + 1e-12 if self.op == "<=" else self.value >= self.limit - 1e-12
 
 
-def evaluate_checks(
-    overall: dict[str, Any], ap50_gt: dict[str, float | None], tol: ToleranceProfile
-) -> list[_Check]:
+def evaluate_checks(overall: dict[str, Any], ap50_gt: dict[str, Any], tol: ToleranceProfile) -> list[_Check]:
     """Every limit of ``tol`` applied to the run's overall numbers (a ``None`` value is not checked)."""
     o = overall
     gt_diff = ap50_gt.get("diff")
@@ -647,7 +651,7 @@ def summarize(images: list[ImageParity], ap50_vs_ref: float | None) -> dict[str,
 
 def judge(
     overall: dict[str, Any],
-    ap50_gt: dict[str, float | None],
+    ap50_gt: dict[str, Any],
     tol: ToleranceProfile,
     images: list[ImageParity] | None = None,
 ) -> list[str]:
@@ -729,7 +733,7 @@ def compare_runs(
         for i in sorted(ref)
     ]
     overall = summarize(images, ap50_against_reference(ref, cand, score_thresh))
-    ap50_gt: dict[str, float | None] = {"reference": None, "candidate": None, "diff": None}
+    ap50_gt: dict[str, Any] = {"reference": None, "candidate": None, "diff": None}
     if gt is not None and gt.get("annotations"):
         ap50_gt = ap50_against_ground_truth(gt, ref, cand)
     return ParityReport(
@@ -744,12 +748,13 @@ def compare_runs(
 
 def ap50_against_ground_truth(
     gt: dict[str, Any], ref: dict[int, Instances], cand: dict[int, Instances]
-) -> dict[str, float | None]:
-    """segm AP50 of both runs against the same ground truth (cap: every detection is scored)."""
+) -> dict[str, Any]:
+    """segm AP50 of both runs against the same ground truth (cap: every detection is scored):
+    ``{"reference", "candidate", "diff" (candidate - reference), "max_dets"}``."""
     from cellseg_deploy.evaluation.coco_eval import evaluate, predictions_to_results
 
     cap = max([100, *(len(p) for p in (*ref.values(), *cand.values()))])
-    out: dict[str, float | None] = {}
+    out: dict[str, Any] = {}
     for key, preds in (("reference", ref), ("candidate", cand)):
         out[key] = evaluate(gt, predictions_to_results(preds), max_dets=cap, iou_types=("segm",)).metrics[
             "segm"

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cellseg_deploy.data.coco import SPLITS
+from cellseg_deploy.data.layout import TEST_MAP_NAME as ID_MAP_NAME
 from cellseg_deploy.errors import DataError, UserError
 from cellseg_deploy.evaluation.coco_eval import (
     DEFAULT_MAX_DETS,
@@ -35,16 +37,6 @@ from cellseg_deploy.evaluation.submission import RESULTS_MEMBER, write_results_j
 from cellseg_deploy.postprocess import PostprocessConfig
 from cellseg_deploy.runners.base import Runner
 from cellseg_deploy.structures import Instances
-
-SPLITS: tuple[str, ...] = ("val", "test", "train", "all")
-"""Dataset splits: ``val``/``train`` are the seeded split of ``train/`` (``val_fraction``), ``all`` is all of
-``train/``, ``test`` is ``test_release/`` scored against ``test_ground_truth.json``."""
-
-IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png")
-"""Image files :func:`predict_folder` picks up from a plain folder (case-insensitive)."""
-
-ID_MAP_NAME = "test_image_name_to_ids.json"
-"""The competition's id map, looked for beside a ``test_release/`` folder when ``--ids`` is not given."""
 
 EVAL_POSTPROCESS = PostprocessConfig(score_thresh=0.0, mask_thresh=0.5, max_dets=None)
 """Post-processing for evaluation: keep every detection the model returns (the cap is COCOeval's)."""
@@ -80,14 +72,16 @@ def model_detection_cap(runner: Runner) -> int | None:
     """The model's own cap on detections per image (``detections_per_img``), when the runner exposes it.
 
     Looked up on ``runner.model_config`` (ONNX Runtime), ``runner.checkpoint.model_config`` (torch),
-    ``runner.config`` (staged) and in ``runner.info()`` (``"detections_per_img"`` or ``"model_config"``);
-    ``None`` when unknown.
+    ``runner.config`` / ``runner.pipeline.config`` (staged runners) and in ``runner.info()``
+    (``"detections_per_img"`` or ``"model_config"``); ``None`` when unknown.
     """
     checkpoint = getattr(runner, "checkpoint", None)
+    pipeline = getattr(runner, "pipeline", None)
     for config in (
         getattr(runner, "model_config", None),
         getattr(checkpoint, "model_config", None),
         getattr(runner, "config", None),
+        getattr(pipeline, "config", None),
     ):
         cap = _cap_from(config)
         if cap is not None:
@@ -352,17 +346,13 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def list_folder_images(images_dir: Path) -> list[Path]:
-    """TIFF/PNG files directly inside ``images_dir``, sorted by name."""
-    return sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def resolve_images(images_dir: str | Path, ids_map: str | Path | None = None) -> tuple[list[ImageEntry], str]:
     """The images of a folder and their result ids.
 
     With an id map (``ids_map``, or ``images_dir/../test_image_name_to_ids.json`` when that exists) every
     listed ``file_name`` must be in the folder and every image in the folder must be listed; ids and sizes
-    come from the map. Without one, the folder's TIFF/PNG files get ids 1..N in sorted file-name order.
+    come from the map. Without one, the folder's images (TIFF, PNG, JPEG: what
+    :func:`cellseg_deploy.data.io.read_image` reads) get ids 1..N in sorted file-name order.
 
     Returns:
         ``(entries sorted by id, id source description)``.
@@ -371,19 +361,22 @@ def resolve_images(images_dir: str | Path, ids_map: str | Path | None = None) ->
         DataError: not a folder, no images, an unreadable or malformed map, or a map that does not match
             the folder (one line naming examples on both sides).
     """
+    from cellseg_deploy.data.io import IMAGE_SUFFIXES
+    from cellseg_deploy.data.layout import list_images
+
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise DataError(
-            f"{images_dir} is not a folder; expected test_release/ or a folder of TIFF/PNG images"
+            f"{images_dir} is not a folder; expected test_release/ or a folder of TIFF/PNG/JPEG images"
         )
-    files = list_folder_images(images_dir)
+    files = list_images(images_dir)
     if ids_map is None:
         beside = images_dir.parent / ID_MAP_NAME
         if beside.is_file():
             ids_map = beside
     if ids_map is None:
         if not files:
-            raise DataError(f"{images_dir} holds no TIFF/PNG images ({', '.join(IMAGE_SUFFIXES)})")
+            raise DataError(f"{images_dir} holds no images (expected {', '.join(IMAGE_SUFFIXES)} files)")
         entries = [ImageEntry(path=p, image_id=i) for i, p in enumerate(files, start=1)]
         return entries, f"sorted file names (ids 1..{len(entries)}; no {ID_MAP_NAME} found beside the folder)"
 
@@ -468,7 +461,7 @@ def predict_folder(
 
     Args:
         runner: any runner (loaded here if it is not yet; closing it is the caller's).
-        images_dir: ``test_release/`` or any folder of TIFF/PNG images (see :func:`resolve_images`).
+        images_dir: ``test_release/`` or any folder of TIFF/PNG/JPEG images (see :func:`resolve_images`).
         ids_map: the id map (``test_image_name_to_ids.json``); ``None`` looks beside the folder, then
             falls back to ids 1..N in sorted file-name order.
         out_zip: the submission zip to write.

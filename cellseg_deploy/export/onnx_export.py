@@ -120,7 +120,8 @@ def export_onnx(
         opset: ONNX opset version (17 is tested; RoiAlign needs >= 16 for torchvision's half-pixel mode).
         simplify: run ``onnxslim`` and keep its graph if it gives the same outputs.
         trace_image: RGB uint8 ``[H, W, 3]`` image to trace with; it must give at least one detection.
-            ``None``: a synthetic cell image (several are tried).
+            ``None``: a synthetic cell image (the synthetic data set's renderer first, then
+            :func:`synthetic_cell_image` variants).
         dynamic: dynamic ``height``/``width`` on the input. ``False`` fixes the input to the trace image's
             size (the number of detections stays dynamic).
 
@@ -469,6 +470,12 @@ def synthetic_cell_image(
 
 def _trace_candidates() -> Iterator[tuple[str, np.ndarray]]:
     # Non-square, neither side equal to a typical min_size, so a baked-in size or an H/W swap shows up.
+    try:  # the synthetic data set's own renderer: what demo and test models are trained on
+        from cellseg_deploy.data.synth import render_image
+
+        yield "synthetic stained cells 320x416", render_image(np.random.default_rng(0), 320, 416, 60).image
+    except ImportError:
+        pass
     yield "synthetic cells 320x416", synthetic_cell_image(320, 416, seed=0, n_cells=60)
     yield (
         "synthetic cells (inverted) 320x416",

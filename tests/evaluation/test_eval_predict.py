@@ -24,8 +24,8 @@ from cellseg_deploy.errors import DataError, UserError
 from cellseg_deploy.evaluation import (
     evaluate,
     evaluate_model,
-    instances_to_results,
     infer_engine,
+    instances_to_results,
     predict_folder,
     read_submission,
     resolve_images,
@@ -311,7 +311,9 @@ def test_cli_eval_and_predict(
     assert rc == 2 and "does not match" in err and len(err.strip().splitlines()) == 1
 
 
-def test_submission_for_a_synthetic_test_set_loads_against_its_ground_truth(runner: Any, tmp_path: Path) -> None:
+def test_submission_for_a_synthetic_test_set_loads_against_its_ground_truth(
+    runner: Any, tmp_path: Path
+) -> None:
     from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
 
     root = tmp_path / "synth"
@@ -331,3 +333,31 @@ def test_submission_for_a_synthetic_test_set_loads_against_its_ground_truth(runn
     gt, preds = run_dataset(runner, root, "test", progress=False)
     res = evaluate(gt, [r for i in sorted(preds) for r in instances_to_results(i, preds[i])])
     assert res.num_images == 3 and res.metrics["segm"]["num_detections"] == len(results)
+
+
+@pytest.mark.slow
+def test_trained_model_submission_scores_what_eval_reports(trained_tiny: Any, tmp_path: Path) -> None:
+    """With real detections: (1) ``eval`` on val reproduces the AP the training loop stored in the checkpoint
+    (same forward path, post-processing and metric), (2) the submission zip scored by pycocotools itself
+    against ``test_ground_truth.json`` gives exactly the segm AP/AP50 that ``eval --split test`` reports."""
+    import torch
+
+    ckpt, root = trained_tiny.checkpoint, trained_tiny.data_root
+    stored = torch.load(ckpt, weights_only=True, map_location="cpu")["metrics"]
+    val = evaluate_model(ckpt, None, root, "val", max_dets=stored.get("max_dets", 100), progress=False)
+    assert val.metrics["segm"]["AP50"] == stored["segm_AP50"]
+    assert val.metrics["bbox"]["AP50"] == stored["bbox_AP50"]
+
+    test = evaluate_model(ckpt, None, root, "test", iou_types=("segm",), progress=False)
+    assert test.metrics["segm"]["AP50"] > 0.05, "a trained model finds cells"
+    with create_runner("torch", ckpt) as r:
+        summary = predict_folder(r, root / "test_release", None, tmp_path / "sub.zip", progress=False)
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(root / "test_ground_truth.json"))
+        ev = COCOeval(coco_gt, coco_gt.loadRes(read_submission(summary.out_zip)), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert (ev.stats[0], ev.stats[1]) == (test.metrics["segm"]["AP"], test.metrics["segm"]["AP50"])

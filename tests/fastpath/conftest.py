@@ -28,7 +28,9 @@ def fast_cell_images() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def fast_checkpoint(tmp_path_factory: pytest.TempPathFactory, fast_cell_images: dict[str, np.ndarray]) -> Path:
+def fast_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, fast_cell_images: dict[str, np.ndarray]
+) -> Path:
     """Random ``tiny`` checkpoint (input 256 px, at most 150 detections), grey images give none."""
     import torch
 
@@ -42,7 +44,9 @@ def fast_checkpoint(tmp_path_factory: pytest.TempPathFactory, fast_cell_images: 
     with torch.inference_mode():
         grey_best = float(raw(torch.from_numpy(grey_image()))[2].max())
         trace = synthetic_cell_image(320, 416, seed=0, n_cells=60)  # the exporter's first trace image
-        cells_best = min(float(raw(torch.from_numpy(im))[2].max()) for im in [*fast_cell_images.values(), trace])
+        cells_best = min(
+            float(raw(torch.from_numpy(im))[2].max()) for im in [*fast_cell_images.values(), trace]
+        )
     assert grey_best < cells_best - 0.005, f"cannot separate grey ({grey_best}) from cells ({cells_best})"
     config = dataclasses.replace(config, score_thresh=round((grey_best + cells_best) / 2, 4))
     path = tmp_path_factory.mktemp("fastpath") / "tiny-random.pt"

@@ -15,8 +15,9 @@ from fastpath_helpers import grey_image
 from cellseg_deploy.errors import ModelFileError, UserError
 from cellseg_deploy.runners import create_runner, get_runner_class, list_runners
 
-
-ov = pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'")
+ov = pytest.importorskip(
+    "openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'"
+)
 
 
 def _raw(det: object) -> list[np.ndarray]:
@@ -75,8 +76,14 @@ def test_bf16_runs_bf16_and_gives_well_formed_detections(
             h, w = image.shape[:2]
             # scores of a random model sit near its threshold: counts move a little under bf16
             assert len(b) > 0 and abs(len(a) - len(b)) <= max(8, len(a) // 4), (name, len(a), len(b))
-            assert b.boxes.dtype == np.float32 and b.labels.dtype == np.int64 and b.mask_probs.shape[1:] == (28, 28)
-            assert (b.boxes >= 0).all() and (b.boxes[:, [0, 2]] <= w).all() and (b.boxes[:, [1, 3]] <= h).all()
+            assert (
+                b.boxes.dtype == np.float32
+                and b.labels.dtype == np.int64
+                and b.mask_probs.shape[1:] == (28, 28)
+            )
+            assert (
+                (b.boxes >= 0).all() and (b.boxes[:, [0, 2]] <= w).all() and (b.boxes[:, [1, 3]] <= h).all()
+            )
             assert (b.mask_probs >= 0).all() and (b.mask_probs <= 1).all()
             assert set(np.unique(b.labels)) <= {1, 2, 3, 4}
             # bf16 really ran: the numbers differ from fp32, but not wildly (same top detection box)
@@ -115,7 +122,9 @@ def test_predict_goes_through_the_shared_postprocess(
     assert inst.rles == postprocess(det).rles and len(inst) == len(det)
 
 
-def test_saved_ir_and_model_cache(fast_onnx: Path, tmp_path: Path, fast_cell_images: dict[str, np.ndarray]) -> None:
+def test_saved_ir_and_model_cache(
+    fast_onnx: Path, tmp_path: Path, fast_cell_images: dict[str, np.ndarray]
+) -> None:
     """An IR saved from the ONNX model runs the same, and the model cache fills on the first load."""
     xml = tmp_path / "model.xml"
     ov.save_model(ov.Core().read_model(str(fast_onnx)), str(xml), compress_to_fp16=False)

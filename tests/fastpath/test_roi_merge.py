@@ -17,7 +17,9 @@ def test_merge_equals_torchvision(counts: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(0)
     levels = torch.cat([torch.full((c,), lvl, dtype=torch.int64) for lvl, c in enumerate(counts)])
     levels = levels[torch.randperm(len(levels), generator=gen)]
-    per_level = [torch.randn(int((levels == lvl).sum()), 3, 2, 2, generator=gen) for lvl in range(len(counts))]
+    per_level = [
+        torch.randn(int((levels == lvl).sum()), 3, 2, 2, generator=gen) for lvl in range(len(counts))
+    ]
     expected = poolers._onnx_merge_levels(levels, per_level)
     got = merge_levels_by_gather(levels, per_level)
     assert got.shape == expected.shape
@@ -50,7 +52,9 @@ def test_export_with_gather_merge_gives_identical_outputs(
 
     assert count(fast_onnx, "ScatterElements") == 6  # 3 pyramid levels x (box, mask) pools
     assert count(patched, "ScatterElements") == 2  # one 1-D index scatter per pool
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fast_onnx, patched)]
+    sessions = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fast_onnx, patched)
+    ]
     for name, image in fast_cell_images.items():
         plain, gathered = (s.run(None, {"image": image}) for s in sessions)
         assert len(plain[0]) > 0, name

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from parity_helpers import ParityModel
 
 
 def cached_export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, name: str) -> Path:
@@ -24,28 +25,43 @@ def cached_export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, na
 
 
 @pytest.fixture(scope="session")
-def parity_model(request: pytest.FixtureRequest) -> tuple[Path, Path]:
-    """``(checkpoint, data_root)`` of the tiny model trained on a synthetic set (``trained_tiny``)."""
-    checkpoint, data_root = request.getfixturevalue("trained_tiny")
-    return Path(checkpoint), Path(data_root)
+def parity_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ParityModel:
+    """The tiny model trained on a synthetic set (``trained_tiny``). Where that fixture does not exist yet,
+    the random tiny checkpoint and a small synthetic set stand in (score threshold 0.2)."""
+    try:
+        checkpoint, data_root = request.getfixturevalue("trained_tiny")
+        return ParityModel(Path(checkpoint), Path(data_root), 0.5, trained=True)
+    except pytest.FixtureLookupError:
+        from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
+
+        root = tmp_path_factory.mktemp("parity-data")
+        make_synthetic_dataset(root, SynthConfig(n_train=10, n_test=1, seed=3), progress=False)
+        return ParityModel(request.getfixturevalue("random_tiny_checkpoint"), root, 0.2, trained=False)
 
 
 @pytest.fixture(scope="session")
-def parity_onnx(parity_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained model's ONNX export."""
-    return cached_export(tmp_path_factory, parity_model[0], "trained-tiny")
+def parity_onnx(parity_model: ParityModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The parity model's ONNX export."""
+    return cached_export(tmp_path_factory, parity_model.checkpoint, "parity-tiny")
 
 
 @pytest.fixture(scope="session")
-def other_onnx(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An ONNX export of a *different* checkpoint (random weights): a wrong candidate."""
-    return cached_export(tmp_path_factory, random_tiny_checkpoint, "random-tiny")
+def other_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ONNX export of a *different* checkpoint (random weights, another seed): a wrong candidate."""
+    import torch
+
+    from cellseg_deploy.modeling import ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(123)
+    config = ModelConfig(arch="tiny", min_size=256, max_size=512)
+    path = save_checkpoint(tmp_path_factory.mktemp("other") / "other.pt", build_model(config), config)
+    return cached_export(tmp_path_factory, path, "other-tiny")
 
 
 @pytest.fixture(scope="session")
 def scaled_mask_onnx(parity_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained export with its mask probabilities multiplied by 0.7 inside the graph (a broken candidate
-    whose boxes, labels and scores are right but whose masks shrink)."""
+    """The parity model's export with its mask probabilities multiplied by 0.7 inside the graph (a broken
+    candidate whose boxes, labels and scores are right but whose masks shrink)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -57,6 +73,6 @@ def scaled_mask_onnx(parity_onnx: Path, tmp_path_factory: pytest.TempPathFactory
     model.graph.initializer.append(numpy_helper.from_array(np.array(0.7, np.float32), "mask_scale"))
     model.graph.node.append(helper.make_node("Mul", ["mask_probs_unscaled", "mask_scale"], ["mask_probs"]))
     onnx.checker.check_model(model)
-    out = tmp_path_factory.getbasetemp() / "onnx-cache" / "trained-tiny-scaled-masks.onnx"
+    out = tmp_path_factory.getbasetemp() / "onnx-cache" / "parity-tiny-scaled-masks.onnx"
     onnx.save(model, str(out))
     return out

@@ -44,7 +44,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("small_synth")
-    make_synthetic_dataset(root, SynthConfig(num_train=10, num_test=0, min_size=64, max_size=96, seed=3))
+    make_synthetic_dataset(root, SynthConfig(n_train=10, n_test=0, min_size=64, max_size=96, seed=3), progress=False)
     return root
 
 
@@ -68,7 +68,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 def test_resume_after_sigkill_mid_epoch_matches_the_uninterrupted_run(small_data: Path, tmp_path: Path) -> None:
     """Kill a run with SIGKILL one step after a mid-epoch checkpoint; resuming it must reach the same
     weights, optimizer state and metrics as the same run left alone."""
-    overrides = [*SMALL, "train.epochs=3", "train.checkpoint_every_steps=2", "val.every_epochs=1"]
+    overrides = [*SMALL, "train.epochs=2", "train.checkpoint_every_steps=2", "val.every_epochs=1"]
     killed, full = tmp_path / "killed", tmp_path / "full"
     script = textwrap.dedent(
         """
@@ -96,8 +96,7 @@ def test_resume_after_sigkill_mid_epoch_matches_the_uninterrupted_run(small_data
     recipe = load_recipe("tiny_cpu", overrides)
     resumed = train(recipe, small_data, killed, resume=True, progress=False)
     straight = train(recipe, small_data, full, progress=False)
-    assert resumed.steps == straight.steps == 9
-    _assert_same_weights(killed / "last.pt", full / "last.pt")
+    assert resumed.steps == straight.steps == 6
     _assert_same_weights(killed / "last.pt", full / "last.pt")
     assert _records_without_timing(killed / "metrics.jsonl") == _records_without_timing(full / "metrics.jsonl")
     assert resumed.best_metrics["predictions_sha256"] == straight.best_metrics["predictions_sha256"]
