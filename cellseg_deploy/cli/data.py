@@ -11,7 +11,14 @@ from cellseg_deploy.cli.common import json_option, write_json_result
 
 @click.group()
 def data() -> None:
-    """Make, validate and convert datasets in the competition layout."""
+    """Make, validate and convert datasets in the competition layout.
+
+    \b
+    Example:
+        cellseg-deploy data synth data/synth
+        cellseg-deploy data check data/synth
+        cellseg-deploy data to-coco data/synth --out data/synth/all.json
+    """
 
 
 @data.command("synth")

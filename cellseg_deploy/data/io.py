@@ -94,7 +94,9 @@ def _check_strips(path: Path, page: tifffile.TiffPage | tifffile.TiffFrame, file
     """Raise if the page's image data (strips or tiles) extends past the end of the file."""
     offsets, counts = page.dataoffsets, page.databytecounts
     if not offsets or not counts:
-        raise DataError(f"{path}: cannot decode TIFF (its header lists no image data: truncated or corrupt file)")
+        raise DataError(
+            f"{path}: cannot decode TIFF (its header lists no image data: truncated or corrupt file)"
+        )
     end = max(int(o) + int(c) for o, c in zip(offsets, counts, strict=False))
     if end > file_size:
         raise DataError(

@@ -113,7 +113,16 @@ class SynthImage:
 
 @dataclass
 class SynthSummary:
-    """What was written: counts and the folder."""
+    """What :func:`make_synthetic_dataset` wrote.
+
+    Attributes:
+        root: the dataset folder.
+        n_train / n_test: images written on each side (``n_train`` includes the extremes).
+        instances: visible instances over all images (train and test).
+        max_instances: most instances in one image.
+        max_id: highest ID value in any class file.
+        config: the :class:`SynthConfig` as a dict.
+    """
 
     root: Path
     n_train: int
@@ -124,6 +133,7 @@ class SynthSummary:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain dict for ``--json``."""
         d = asdict(self)
         d["root"] = str(self.root)
         return d

@@ -13,7 +13,9 @@ import pytest
 from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
 
 SMALL = SynthConfig(n_train=4, n_test=2, min_size=48, max_size=96, min_cells=5, max_cells=20, seed=3)
-EXTREMES = SynthConfig(n_train=1, n_test=1, min_size=48, max_size=64, min_cells=5, max_cells=10, seed=5, extremes=True)
+EXTREMES = SynthConfig(
+    n_train=1, n_test=1, min_size=48, max_size=64, min_cells=5, max_cells=10, seed=5, extremes=True
+)
 
 
 @pytest.fixture(scope="session")

@@ -158,7 +158,9 @@ def test_defect(name: str, small_synth: Path, tmp_path: Path, capsys: pytest.Cap
     assert tree_hashes(copy) == damaged  # and check itself writes nothing
 
 
-def test_several_defects_are_all_listed(small_synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_several_defects_are_all_listed(
+    small_synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(small_synth, copy)
     _class5(copy)

@@ -114,7 +114,9 @@ def test_test_split_uses_the_id_map(small_synth: Path, tmp_path: Path) -> None:
         sample_id_of(gt["images"][0])
 
 
-def test_test_split_without_ground_truth_is_a_user_error(hw3_sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_test_split_without_ground_truth_is_a_user_error(
+    hw3_sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["data", "to-coco", str(hw3_sample), "--out", "/nonexistent/x.json", "--split", "test"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "test_ground_truth.json" in err[0]

@@ -21,6 +21,7 @@ def test_write_image_tif_is_the_real_format(tmp_path: Path) -> None:
     write_image_tif(tmp_path / "a.tif", RGB)
     with tifffile.TiffFile(tmp_path / "a.tif") as tif:
         page = tif.pages[0]
+        assert isinstance(page, tifffile.TiffPage)
         assert page.compression == tifffile.COMPRESSION.LZW
         assert page.predictor == tifffile.PREDICTOR.HORIZONTAL
         assert page.shape == (21, 34, 4) and page.dtype == np.uint8
@@ -51,17 +52,39 @@ GRAY3 = np.repeat(GRAY[:, :, None], 3, axis=2)
         (RGB.astype(np.uint16) * 257, {}, RGB),
         ((RGB.astype(np.uint16) * 257)[:, :, 0], {}, GRAY3),
         (RGB, {}, RGB),
-        (np.dstack([RGB, np.full((21, 34), 7, np.uint8)]), {"photometric": "rgb", "extrasamples": ["unassalpha"]}, RGB),
+        (
+            np.dstack([RGB, np.full((21, 34), 7, np.uint8)]),
+            {"photometric": "rgb", "extrasamples": ["unassalpha"]},
+            RGB,
+        ),
         (np.moveaxis(RGB, -1, 0), {"photometric": "rgb", "planarconfig": "separate"}, RGB),
         (RGB.astype(np.float32) / 255.0, {"photometric": "rgb"}, RGB),
         (RGB.astype(np.float64), {"photometric": "rgb"}, RGB),
-        (np.dstack([GRAY, np.full((21, 34), 255, np.uint8)]), {"photometric": "minisblack", "planarconfig": "contig"}, GRAY3),
+        (
+            np.dstack([GRAY, np.full((21, 34), 255, np.uint8)]),
+            {"photometric": "minisblack", "planarconfig": "contig"},
+            GRAY3,
+        ),
         (RGB, {"compression": "lzw"}, RGB),
         (RGB, {"compression": "zlib"}, RGB),
     ],
-    ids=["gray", "16bit", "16bit-gray", "rgb", "rgba", "planar", "float01", "float255", "gray+alpha", "lzw", "deflate"],
+    ids=[
+        "gray",
+        "16bit",
+        "16bit-gray",
+        "rgb",
+        "rgba",
+        "planar",
+        "float01",
+        "float255",
+        "gray+alpha",
+        "lzw",
+        "deflate",
+    ],
 )
-def test_tiff_conversions(tmp_path: Path, array: np.ndarray, kwargs: dict[str, object], expected: np.ndarray) -> None:
+def test_tiff_conversions(
+    tmp_path: Path, array: np.ndarray, kwargs: dict[str, object], expected: np.ndarray
+) -> None:
     tifffile.imwrite(tmp_path / "x.tif", array, **kwargs)  # type: ignore[arg-type]
     out = read_image(tmp_path / "x.tif")
     assert out.dtype == np.uint8 and out.shape == (21, 34, 3) and out.flags.c_contiguous
@@ -98,7 +121,11 @@ def test_float_nan_image_is_an_error(tmp_path: Path) -> None:
     ids=["rgb", "gray", "16bit", "rgba"],
 )
 def test_png_conversions(tmp_path: Path, suffix: str, array: np.ndarray, expected: np.ndarray) -> None:
-    bgr = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+    bgr = (
+        array
+        if array.ndim == 2
+        else cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
+    )
     assert cv2.imwrite(str(tmp_path / f"x{suffix}"), bgr)
     assert np.array_equal(read_image(tmp_path / f"x{suffix}"), expected)
 
@@ -146,12 +173,19 @@ def test_bad_png_jpeg_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "t.png").write_bytes(png.tobytes()[: png.size // 2])
     (tmp_path / "t.jpg").write_bytes(jpg.tobytes()[: jpg.size // 2])
     (tmp_path / "x.bmp").write_bytes(b"BM")
-    for name, word in [("t.png", "corrupt or truncated"), ("t.jpg", "truncated"), ("nope.tif", "not found"), ("x.bmp", "unsupported")]:
+    for name, word in [
+        ("t.png", "corrupt or truncated"),
+        ("t.jpg", "truncated"),
+        ("nope.tif", "not found"),
+        ("x.bmp", "unsupported"),
+    ]:
         with pytest.raises(DataError, match=word):
             read_image(tmp_path / name)
 
 
-@pytest.mark.parametrize(("value", "word"), [(np.nan, "NaN"), (np.inf, "infinite"), (-3.0, "negative"), (2.5, "non-integer")])
+@pytest.mark.parametrize(
+    ("value", "word"), [(np.nan, "NaN"), (np.inf, "infinite"), (-3.0, "negative"), (2.5, "non-integer")]
+)
 def test_bad_ids(tmp_path: Path, value: float, word: str) -> None:
     ids = np.zeros((8, 9))
     ids[2, 3] = value
