@@ -176,7 +176,7 @@ class OpenVINORunner(Runner):
                 f"this CPU ({capabilities}) cannot run --precision {self.precision}"
             )
         self.request = self.compiled.create_infer_request()
-        self.outputs = {o.get_any_name(): o for o in self.compiled.outputs}
+        self.outputs = {name: self.compiled.output(name) for name in OUTPUT_NAMES}
         self.device_name = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
         self.capabilities = capabilities
         self.mask_size = int(self.metadata.get("mask_size", 28) or 28)
@@ -184,7 +184,7 @@ class OpenVINORunner(Runner):
     def _check_signature(self, model: Any) -> None:
         """One uint8 ``[H, W, 3]`` input and the four raw outputs, as the single-graph export writes them."""
         inputs = model.inputs
-        names = [next(iter(o.get_names()), "") for o in model.outputs]
+        names = sorted(n for o in model.outputs for n in o.get_names() if n in OUTPUT_NAMES)
         shape = inputs[0].get_partial_shape() if len(inputs) == 1 else None
         ok = (
             shape is not None
@@ -193,7 +193,8 @@ class OpenVINORunner(Runner):
             and shape.rank.get_length() == 3
             and shape[2].is_static
             and shape[2].get_length() == 3
-            and sorted(names) == sorted(OUTPUT_NAMES)
+            and len(model.outputs) == len(OUTPUT_NAMES)
+            and names == sorted(OUTPUT_NAMES)
         )
         if not ok:
             found = ", ".join(
@@ -202,7 +203,8 @@ class OpenVINORunner(Runner):
             )
             raise ModelFileError(
                 f"{self.model_path} is not a cellseg-deploy single-graph export: expected input 'image' uint8 [H, W, 3] "
-                f"and outputs {list(OUTPUT_NAMES)}, found inputs ({found}) and outputs {names}; export with "
+                f"and outputs {list(OUTPUT_NAMES)}, found inputs ({found}) and outputs "
+                f"{[sorted(o.get_names()) for o in model.outputs]}; export with "
                 "'cellseg-deploy export --format onnx'"
             )
         static_shape: Any = shape

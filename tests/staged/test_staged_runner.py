@@ -165,13 +165,13 @@ def test_fp16_stages_keep_the_segm_ap50_of_pytorch(
     trained_stages: tuple[Path, Path, Path], engine: str
 ) -> None:
     """A briefly trained tiny model on its synthetic validation split: the FP16 stages (ONNX Runtime: FP16
-    weights; PyTorch: FP16 activations too) against PyTorch FP32 with the fp16 parity profile, whose gate on
-    segm AP50 against the ground truth is 0.01.
+    weights; PyTorch: FP16 activations too) pass the fp16 parity profile against PyTorch FP32, including its
+    gate on segm AP50 against the ground truth (0.01).
 
-    One override, max_score_diff 0.05 -> 0.1: the profile takes the *largest* score difference over all
-    matched pairs, and FP16 feature maps flip which of two near-identical proposals survives NMS for an odd
-    cell (measured on such a model: 1 pair of 92 at 0.069, with that pair's boxes 2 px apart; p99 box
-    difference 0.19 px, AP50 -0.001). Keeping the RPN head in FP32 does not change it; it is FP16 features."""
+    Measured with this fixture: AP50 0.677 for all three, max score difference 6e-4, max box difference
+    0.005 px. On a model trained less (8 epochs) one pair in 92 differed by 0.069 in score (two near-identical
+    proposals swapping in NMS under FP16 features), over the profile's max_score_diff of 0.05, with AP50
+    within 0.005: if this fails on max_score_diff alone, look at that pair before at the arithmetic."""
     from cellseg_deploy.evaluation.parity import run_parity
 
     checkpoint, data_root, stages = trained_stages
@@ -181,7 +181,6 @@ def test_fp16_stages_keep_the_segm_ap50_of_pytorch(
         engine,
         data_root,
         profile="fp16",
-        tolerances={"max_score_diff": 0.1},
         candidate_precision="fp16",
         threads=1,
         progress=False,

@@ -1,0 +1,1 @@
+"""Tests of cellseg_deploy.bench and the bench command."""
