@@ -52,17 +52,6 @@ from cellseg_deploy.runners import create_runner, get_runner_class, list_runners
 
 
 @dataclass(frozen=True)
-class Case:
-    """One benchmark of the suite."""
-
-    name: str
-    arch: str
-    imgsz: int
-    cells: int
-    images: int
-
-
-@dataclass(frozen=True)
 class Plan:
     """Sizes and counts of a suite run (full or quick)."""
 

@@ -39,15 +39,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("small_synth")
-    make_synthetic_dataset(root, SynthConfig(n_train=10, n_test=0, min_size=64, max_size=96, seed=3), progress=False)
-    return root
-
-
 def _records_without_timing(path: Path) -> list[dict[str, object]]:
     drop = {"elapsed_s", "images_per_s", "val_seconds"}
     return [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(path)]
