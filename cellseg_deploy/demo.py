@@ -120,10 +120,10 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
     done = _step("parity", steps, echo)
     parity: dict[str, Any] = {}
     for b in BACKENDS:
-        report = run_parity(checkpoint, models[b.model], b.engine, data, split="val", profile=b.profile,
-                            candidate_precision=b.precision, progress=False)
-        parity[b.label] = report
-        echo(f"[demo]   parity {b.label}: {'PASS' if report.passed else 'FAIL'}")
+        verdict = run_parity(checkpoint, models[b.model], b.engine, data, split="val", profile=b.profile,
+                             candidate_precision=b.precision, progress=False)
+        parity[b.label] = verdict
+        echo(f"[demo]   parity {b.label}: {'PASS' if verdict.passed else 'FAIL'}")
     done()
 
     done = _step("evaluate", steps, echo)

@@ -44,7 +44,9 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
     type=click.Path(path_type=Path),
     help="onnx: the .onnx file; staged: the stage folder; trt: the engine folder.",
 )
-@click.option("--opset", type=click.IntRange(16, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option(
+    "--opset", type=click.IntRange(16, 20), default=17, show_default=True, help="ONNX opset (16 to 20)."
+)
 @click.option(
     "--simplify",
     is_flag=True,
@@ -122,7 +124,7 @@ def export_cmd(
     """Export CHECKPOINT (a cellseg-deploy .pt; for --format trt also a stage folder) for deployment.
 
     The ONNX graph carries its provenance (class names, model config, the checkpoint's SHA-256, library
-    versions, opset) and is checked against PyTorch on two image sizes before it is written. A missing or
+    versions, opset) and is checked against PyTorch on three image sizes before it is written. A missing or
     corrupt checkpoint is a one-line error and nothing is written.
 
     \b

@@ -33,25 +33,17 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 
 def _register() -> None:
-    """Add every command group; each import is cheap (heavy imports happen inside commands)."""
-    from cellseg_deploy.cli import data as data_cmds
+    """Add every command; each import is cheap (heavy imports happen inside the commands)."""
+    from cellseg_deploy.cli.bench import bench
+    from cellseg_deploy.cli.data import data
+    from cellseg_deploy.cli.demo import demo
+    from cellseg_deploy.cli.evaluate import eval_cmd, predict_cmd
+    from cellseg_deploy.cli.export import export_cmd
+    from cellseg_deploy.cli.parity import parity_cmd
+    from cellseg_deploy.cli.train import train_cmd
 
-    cli.add_command(data_cmds.data)
-    from cellseg_deploy.cli import evaluate as evaluate_cmds
-
-    cli.add_command(evaluate_cmds.eval_cmd)
-    cli.add_command(evaluate_cmds.predict_cmd)
-    from cellseg_deploy.cli import bench as bench_cmds
-
-    cli.add_command(bench_cmds.bench)
-    from cellseg_deploy.cli import train as train_cmds
-
-    cli.add_command(train_cmds.train_cmd)
-    from cellseg_deploy.cli import export as export_cmds
-    from cellseg_deploy.cli import parity as parity_cmds
-
-    cli.add_command(export_cmds.export_cmd)
-    cli.add_command(parity_cmds.parity_cmd)
+    for command in (data, train_cmd, export_cmd, parity_cmd, eval_cmd, predict_cmd, bench, demo):
+        cli.add_command(command)
 
 
 _register()

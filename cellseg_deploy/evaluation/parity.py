@@ -506,9 +506,7 @@ class ParityReport:
             return " ".join(str(info[k]) for k in ("runner", "model") if info.get(k))
 
         lines = [
-            " ".join(["parity: candidate", who(self.candidate), "vs reference", who(self.reference)]).replace(
-                "  ", " "
-            ),
+            f"parity: candidate {who(self.candidate) or '(unnamed)'} vs reference {who(self.reference) or '(unnamed)'}",
             f"instances scoring >= {st.get('score_thresh')} must agree; same-class pairs need mask IoU >= "
             f"{st.get('min_iou')}; box/score differences in pixels/probability",
             "",

@@ -56,6 +56,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 16
+"""The lowest opset accepted (RoiAlign gained ``coordinate_transformation_mode`` in 16; 16 to 20 export and pass
+the self-check)."""
+MAX_OPSET = 20
+"""The TorchScript-based exporter's highest opset (``torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``)."""
 EXPORTER = "torch.onnx.export(dynamo=False)"
 INPUT_NAME = "image"
 MAX_PROTOBUF_BYTES = 2**31 - 1
@@ -117,7 +122,7 @@ def export_onnx(
     Args:
         checkpoint: a cellseg-deploy checkpoint (``.pt``).
         out: the ONNX file to write (parent folders are created; an existing file is replaced atomically).
-        opset: ONNX opset version (17 is tested; RoiAlign needs >= 16 for torchvision's half-pixel mode).
+        opset: ONNX opset version, :data:`MIN_OPSET` to :data:`MAX_OPSET` (17 is the tested default).
         simplify: run ``onnxslim`` and keep its graph if it gives the same outputs.
         trace_image: RGB uint8 ``[H, W, 3]`` image to trace with; it must give at least one detection.
             ``None``: a synthetic cell image (the synthetic data set's renderer first, then
@@ -142,9 +147,9 @@ def export_onnx(
     from cellseg_deploy.modeling.checkpoint import load_checkpoint
     from cellseg_deploy.modeling.raw import RawMaskRCNN
 
-    if not 16 <= opset <= 21:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(
-            f"opset must lie in 16..21 (RoiAlign with half-pixel alignment needs >= 16), got {opset}"
+            f"opset must lie in {MIN_OPSET}..{MAX_OPSET} (the TorchScript exporter's range for this model), got {opset}"
         )
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -157,7 +162,7 @@ def export_onnx(
     mask_size = _mask_size(raw)
     checks: dict[str, Any] = {}
 
-    # 1. Trace image (must give detections) and a second check image of another size.
+    # 1. Trace image (must give detections) and check images of other sizes.
     with torch.inference_mode():
         image, n_trace, source = _pick_trace_image(raw, trace_image)
     checks["trace_image"] = {
@@ -191,7 +196,7 @@ def export_onnx(
     checks["verify_s"] = round(time.perf_counter() - t0, 3)
     if dynamic and len({c["ort_detections"] for c in checks["images"]}) == 1:
         log.info(
-            "note: both check images gave %d detections, so a baked-in N would go unnoticed",
+            "note: every check image gave %d detections, so a baked-in N would go unnoticed",
             checks["images"][0]["ort_detections"],
         )
 
@@ -233,7 +238,7 @@ def export_onnx(
         )
     atomic_write_bytes(out, data)
     seconds = time.perf_counter() - t_start
-    log.info("exported %s (%.1f MB) in %.1f s", out, len(data) / 1e6, seconds)
+    log.debug("exported %s (%.1f MB) in %.1f s", out, len(data) / 1e6, seconds)
     return ExportResult(
         path=out,
         size_bytes=len(data),

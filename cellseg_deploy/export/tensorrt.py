@@ -41,8 +41,7 @@ ENGINES_MANIFEST = "engines.json"
 SUPPORTED_TRT_MAJORS: tuple[int, ...] = (10, 11)
 TIMING_CACHE_NAME = "timing.cache"
 INSTALL_HINT = (
-    "pip install 'cellseg-deploy[trt]' from NVIDIA's package index on a machine with an NVIDIA GPU "
-    "and driver"
+    "pip install 'cellseg-deploy[trt]' from NVIDIA's package index on a machine with an NVIDIA GPU and driver"
 )
 
 

@@ -39,7 +39,7 @@ def forward_raw(
     detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
     out = []
     for det, resized, original in zip(detections, batch.image_sizes, original_sizes, strict=True):
-        boxes = resize_boxes(det["boxes"], resized, original)  # type: ignore[arg-type]
+        boxes = resize_boxes(det["boxes"], resized, original)
         out.append((boxes, det["labels"], det["scores"], det["masks"][:, 0]))
     return out
 

@@ -779,7 +779,7 @@ class _Run:
             if self.progress:
                 plot_curves(read_metrics(self.out_dir / METRICS), self.out_dir / CURVES)
         ap50, stop = broadcast_floats(self.info, [ap50, stop])
-        if self.schedule.observe(ap50) and self.info.is_main:
+        if self.schedule.observe(ap50, r.val.min_delta) and self.info.is_main:
             self.say(f"plateau: learning rate factor now {self.schedule.plateau_factor:g}")
         return bool(stop)
 

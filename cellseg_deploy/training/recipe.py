@@ -151,7 +151,7 @@ class ScheduleSettings:
     Attributes:
         name: ``constant``; ``step`` (multiply by ``gamma`` at each epoch in ``milestones``); ``cosine``
             (from 1 down to ``min_factor`` over all steps after warm-up); ``plateau`` (multiply by ``gamma``
-            after ``patience`` validations without a better segm AP50).
+            after ``patience`` validations without a segm AP50 better by more than ``val.min_delta``).
         warmup_steps: optimizer steps of linear warm-up from ``warmup_factor * lr`` to ``lr``.
         warmup_factor: the learning rate factor at step 0.
         milestones: for ``step``: the rate is multiplied by ``gamma`` once each of these many epochs have

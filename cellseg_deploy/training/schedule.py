@@ -50,9 +50,10 @@ class LRSchedule:
             main = self.plateau_factor
         return warm * main
 
-    def observe(self, metric: float) -> bool:
-        """Feed a validation metric (higher is better); returns True when ``plateau`` lowered the rate."""
-        if self.best is None or metric > self.best:
+    def observe(self, metric: float, min_delta: float = 0.0) -> bool:
+        """Feed a validation metric (higher is better; a gain of at most ``min_delta`` is no gain); returns
+        True when ``plateau`` lowered the rate."""
+        if self.best is None or metric > self.best + min_delta:
             self.best = metric
             self.bad = 0
             return False

@@ -85,6 +85,21 @@ def test_assignment_is_optimal_not_greedy() -> None:
     assert p.summary()["min_iou"] == pytest.approx(2 / 3, abs=1e-6)
 
 
+def test_empty_masks_of_the_same_detection_match_by_box() -> None:
+    # A detection whose pasted mask has no pixel above the threshold: mask IoU is undefined (0 in pycocotools).
+    empty = encode_mask(np.zeros((H, W), bool))
+    boxes = np.array([[2, 2, 12, 12], [30, 5, 40, 15]], np.float32)
+    ref = Instances(boxes, np.array([1, 1]), np.array([0.9, 0.8], np.float32), [empty, empty], (H, W))
+    cand = Instances(
+        boxes[::-1].copy(), np.array([1, 1]), np.array([0.8, 0.9], np.float32), [empty, empty], (H, W)
+    )
+    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    assert (p.matched, p.missed, p.extra) == (2, 0, 0)
+    assert (
+        p.summary()["max_box_diff"] == 0.0 and p.summary()["max_score_diff"] == 0.0
+    )  # paired by box, not by order
+
+
 def test_empty_images() -> None:
     empty = make([], [])
     p = compare_instances(empty, empty, score_thresh=0.5)

@@ -13,5 +13,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("small_synth")
-    make_synthetic_dataset(root, SynthConfig(n_train=10, n_test=0, min_size=64, max_size=96, seed=3), progress=False)
+    make_synthetic_dataset(
+        root, SynthConfig(n_train=10, n_test=0, min_size=64, max_size=96, seed=3), progress=False
+    )
     return root

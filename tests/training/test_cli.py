@@ -92,7 +92,14 @@ def test_pretrained_download_failure_is_one_clear_line(
     monkeypatch.setattr(urllib.request, "_opener", None)  # rebuilt from the proxy variables above
     start = time.perf_counter()
     code, err = _run(
-        capsys, "--data", str(empty_root), "--out", str(tmp_path / "run"), "--pretrained", "imagenet", "--no-progress"
+        capsys,
+        "--data",
+        str(empty_root),
+        "--out",
+        str(tmp_path / "run"),
+        "--pretrained",
+        "imagenet",
+        "--no-progress",
     )
     assert code == 2, err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]

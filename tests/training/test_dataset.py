@@ -42,7 +42,11 @@ def test_augmented_items_depend_only_on_seed_epoch_and_index(small_data: Path) -
         b.set_epoch(epoch)
         ia, ta = a[0]
         ib, tb = b[0]
-        assert torch.equal(ia, ib) and torch.equal(ta["masks"], tb["masks"]) and torch.equal(ta["boxes"], tb["boxes"])
+        assert (
+            torch.equal(ia, ib)
+            and torch.equal(ta["masks"], tb["masks"])
+            and torch.equal(ta["boxes"], tb["boxes"])
+        )
         np.testing.assert_array_equal(ta["boxes"].numpy(), boxes_from_masks(ta["masks"].numpy()))
     a.set_epoch(0)
     first = a[0][0]

@@ -56,7 +56,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(oa[k]["momentum_buffer"], ob[k]["momentum_buffer"]), k
 
 
-def test_resume_after_sigkill_mid_epoch_matches_the_uninterrupted_run(small_data: Path, tmp_path: Path) -> None:
+def test_resume_after_sigkill_mid_epoch_matches_the_uninterrupted_run(
+    small_data: Path, tmp_path: Path
+) -> None:
     """Kill a run with SIGKILL one step after a mid-epoch checkpoint; resuming it must reach the same
     weights, optimizer state and metrics as the same run left alone."""
     overrides = [*SMALL, "train.epochs=2", "train.checkpoint_every_steps=2", "val.every_epochs=1"]
@@ -89,7 +91,9 @@ def test_resume_after_sigkill_mid_epoch_matches_the_uninterrupted_run(small_data
     straight = train(recipe, small_data, full, progress=False)
     assert resumed.steps == straight.steps == 6
     _assert_same_weights(killed / "last.pt", full / "last.pt")
-    assert _records_without_timing(killed / "metrics.jsonl") == _records_without_timing(full / "metrics.jsonl")
+    assert _records_without_timing(killed / "metrics.jsonl") == _records_without_timing(
+        full / "metrics.jsonl"
+    )
     assert resumed.best_metrics["predictions_sha256"] == straight.best_metrics["predictions_sha256"]
 
 
@@ -155,7 +159,13 @@ def test_torchrun_two_cpu_processes_train_and_write_one_checkpoint(small_data: P
         capture_output=True, text=True, env=env, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt",
+        "curves.png",
+        "last.pt",
+        "metrics.jsonl",
+        "recipe.yaml",
+    ]
     state = torch.load(out / "last.pt", weights_only=True)["train_state"]
     assert state["world_size"] == 2
     # 6 images over 2 processes with batch 2: 2 steps per epoch (3 images each, padded by the sampler)
@@ -166,3 +176,42 @@ def test_torchrun_two_cpu_processes_train_and_write_one_checkpoint(small_data: P
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 4
     assert proc.stdout.count("best: ") == 1, proc.stdout
+
+
+def test_adamw_plateau_bf16_clipping_and_early_stop(small_data: Path, tmp_path: Path) -> None:
+    """The other optimizer, schedule and precision: AdamW under CPU bf16 autocast with gradient clipping; a
+    plateau schedule and early stopping that both react to a validation AP50 that cannot improve enough."""
+    recipe = load_recipe(
+        "tiny_cpu",
+        [*SMALL, "optim.name=adamw", "optim.lr=1e-3", "optim.grad_clip=1.0", "schedule.name=plateau",
+         "schedule.patience=1", "schedule.gamma=0.5", "schedule.warmup_steps=0", "train.precision=bf16",
+         "train.epochs=6", "val.every_epochs=1", "val.early_stop_patience=2", "val.min_delta=1.0"],
+    )  # fmt: skip
+    result = train(recipe, small_data, tmp_path / "run", progress=False)
+    assert result.stop_reason == "early_stop" and result.epochs == 3
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["best"] for r in records if r["kind"] == "val"] == [True, False, False]
+    lrs = {r["epoch_float"]: r["lr"] for r in records if r["kind"] == "train"}
+    assert lrs[1.0] == pytest.approx(1e-3) and lrs[3.0] == pytest.approx(5e-4)  # halved after validation 2
+    assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]
+    assert state["schedule"]["plateau_factor"] == pytest.approx(0.25)  # and again after validation 3
+
+
+@pytest.mark.gpu
+def test_amp_on_cuda_trains_and_resumes_its_scaler(small_data: Path, tmp_path: Path) -> None:
+    recipe = load_recipe(
+        "tiny_cpu", [*SMALL, "train.device=cuda", "train.precision=amp", "train.max_steps=4"]
+    )
+    result = train(recipe, small_data, tmp_path / "run", progress=False)
+    assert result.steps == 4
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train_state"]
+    assert state["scaler"] and state["scaler"]["scale"] > 0
+    more = train(
+        recipe.with_overrides(["train.max_steps=6"]),
+        small_data,
+        tmp_path / "run",
+        resume=True,
+        progress=False,
+    )
+    assert more.steps == 6
