@@ -169,12 +169,12 @@ def _ap50(result: Any) -> float | None:
 
 
 def _summary_rows(evals: dict[str, Any], parity: dict[str, Any], bench: dict[str, Any]) -> list[list[Any]]:
-    p50 = {e["label"]: e for e in bench.get("engines", [])} if isinstance(bench.get("engines"), list) else {}
+    engines: dict[str, Any] = bench.get("engines", {})
     rows = []
     for label, result in evals.items():
         engine = label.split()[0]
         par = parity.get(label)
-        lat = p50.get(engine, {}).get("end_to_end", {}).get("p50_ms") if label.endswith("fp32") else None
+        lat = engines.get(engine, {}).get("latency", {}).get("p50_ms") if label.endswith("fp32") else None
         rows.append([label, _fmt(_ap50(result)), "reference" if par is None else ("PASS" if par.passed else "FAIL"),
                      "-" if lat is None else f"{lat:.1f}"])
     return rows
@@ -230,7 +230,7 @@ def write_report(out: Path, config: DemoConfig, check: Any, trained: Any, onnx_r
     for label, rep in parity.items():
         o = rep.overall
         prow.append([label, rep.profile.name, "PASS" if rep.passed else "FAIL", o.get("matched"), o.get("missed"),
-                     o.get("extra"), _num(o.get("box_diff_max")), _num(o.get("iou_min")), _num(o.get("ap50_vs_ref"))])
+                     o.get("extra"), _num(o.get("max_box_diff")), _num(o.get("min_iou")), _num(o.get("ap50_vs_ref"))])
     lines += [markdown_table(prow, ["backend", "profile", "verdict", "matched", "missed", "extra",
                                     "max box diff (px)", "min mask IoU", "AP50 vs torch"]), ""]
     for label, rep in parity.items():

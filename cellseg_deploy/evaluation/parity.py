@@ -6,9 +6,11 @@ the other. So parity here compares *instances*, the way a user sees them:
 
 1. Both backends run the same images through the one shared post-processing, keeping **every** detection
    (no score threshold), so the masks compared were pasted identically.
-2. :func:`compare_instances` pairs reference and candidate instances of the **same class** by mask IoU with an
-   optimal assignment (``scipy.optimize.linear_sum_assignment`` on ``1 - IoU``, ties broken by the closer
-   score); a pair needs ``IoU >= min_iou``. Two *empty* masks (no pixel above the mask threshold) are
+2. :func:`compare_instances` pairs reference and candidate instances of the **same class** with an optimal
+   assignment (``scipy.optimize.linear_sum_assignment``) on ``(1 - mask IoU) + (1 - box IoU)``, ties broken
+   by the closer score; a pair needs ``mask IoU >= min_iou``. The box term keeps each detection with its
+   counterpart when masks alone are ambiguous (touching cells, a candidate whose masks are distorted), so a
+   mask defect is reported as a mask difference, not as swapped pairs with box and score differences. Two *empty* masks (no pixel above the mask threshold) are
    compared by their boxes instead, so the same empty-mask detection on both sides still matches.
 3. Counting happens **after** matching, against the full lists: a pair counts as *matched* when either side
    scores ``>= score_thresh``; a reference instance above the threshold with no partner at all is *missed*;
@@ -307,8 +309,13 @@ def compare_instances(
         if not len(ri) or not len(ci):
             continue
         iou = _mask_iou(ref, ri, cand, ci)
-        # 1 - IoU, ties broken by the closer score; pairs below min_iou are made unattractive, then dropped.
-        cost = (1.0 - iou) + 1e-3 * np.abs(ref.scores[ri][:, None] - cand.scores[ci][None, :])
+        # (1 - mask IoU) + (1 - box IoU): the box keeps each detection with its counterpart when the masks
+        # alone are ambiguous (overlapping cells, distorted masks); ties go to the closer score. Pairs below
+        # min_iou are made unattractive, then dropped.
+        box_iou = _box_iou(ref.boxes[ri], cand.boxes[ci])
+        cost = (
+            (1.0 - iou) + (1.0 - box_iou) + 1e-3 * np.abs(ref.scores[ri][:, None] - cand.scores[ci][None, :])
+        )
         cost[iou < min_iou] = 1e6
         rows, cols = linear_sum_assignment(cost)
         for r, c in zip(rows, cols, strict=True):

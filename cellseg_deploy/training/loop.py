@@ -492,7 +492,9 @@ class _Run:
                 r.model, pretrained=w.pretrained, init=w.init, pretrained_backbone=w.pretrained_backbone
             )
         self.model = model.to(self.device)
-        self.train_ds, self.val_ds = InstanceDataset.split(self.data_root, r.data, augment=r.augment, seed=r.seed)
+        self.train_ds, self.val_ds = InstanceDataset.split(
+            self.data_root, r.data, augment=r.augment, seed=r.seed
+        )
         self.gt = validation_ground_truth(self.val_ds) if self.info.is_main else {}
         self.optimizer = _make_optimizer(self.model, r)
         self.sampler: DistributedSampler[Any] = DistributedSampler(

@@ -85,6 +85,19 @@ def test_assignment_is_optimal_not_greedy() -> None:
     assert p.summary()["min_iou"] == pytest.approx(2 / 3, abs=1e-6)
 
 
+def test_boxes_keep_detections_paired_when_masks_are_ambiguous() -> None:
+    # Two touching cells; the candidate's masks both shrank to the shared middle, so by mask IoU alone the
+    # diagonal and the crossed pairing tie (0.6 each), and the scores would favour the crossed one.
+    ref = make([(0, 0, 20, 10), (8, 0, 28, 10)], [0.9, 0.6])
+    cand = make([(8, 0, 20, 10), (8, 0, 20, 10)], [0.6, 0.9])
+    cand.boxes[:] = ref.boxes  # the detector's boxes are unchanged: only the masks are wrong
+    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    assert p.matched == 2 and p.summary()["max_box_diff"] == 0.0  # paired by detection, not crossed
+    assert p.summary()["max_score_diff"] == pytest.approx(0.3) and p.summary()["mean_iou"] == pytest.approx(
+        0.6
+    )
+
+
 def test_empty_masks_of_the_same_detection_match_by_box() -> None:
     # A detection whose pasted mask has no pixel above the threshold: mask IoU is undefined (0 in pycocotools).
     empty = encode_mask(np.zeros((H, W), bool))

@@ -112,7 +112,7 @@ def test_run_folder_holds_everything(small_data: Path, tmp_path: Path) -> None:
     raw = torch.load(run / "last.pt", weights_only=True)
     assert raw["model_config"]["arch"] == "tiny" and raw["model_config"]["min_size"] == 96
     assert raw["recipe"] == recipe.to_dict()
-    assert list(raw["metrics"])[0] == "segm_AP50" and raw["metrics"]["step"] == 5
+    assert next(iter(raw["metrics"])) == "segm_AP50" and raw["metrics"]["step"] == 5
     assert {"torch", "torchvision", "cellseg_deploy"} <= set(raw["versions"])
     assert {"optimizer", "schedule", "rng", "step", "epoch"} <= set(raw["train_state"])
     best = load_checkpoint(run / "best.pt")
