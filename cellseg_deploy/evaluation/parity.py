@@ -10,8 +10,9 @@ the other. So parity here compares *instances*, the way a user sees them:
    assignment (``scipy.optimize.linear_sum_assignment``) on ``(1 - mask IoU) + (1 - box IoU)``, ties broken
    by the closer score; a pair needs ``mask IoU >= min_iou``. The box term keeps each detection with its
    counterpart when masks alone are ambiguous (touching cells, a candidate whose masks are distorted), so a
-   mask defect is reported as a mask difference, not as swapped pairs with box and score differences. Two *empty* masks (no pixel above the mask threshold) are
-   compared by their boxes instead, so the same empty-mask detection on both sides still matches.
+   mask defect is reported as a mask difference, not as swapped pairs with box and score differences. Two
+   *empty* masks (no pixel above the mask threshold) are compared by their boxes instead, so the same
+   empty-mask detection on both sides still matches.
 3. Counting happens **after** matching, against the full lists: a pair counts as *matched* when either side
    scores ``>= score_thresh``; a reference instance above the threshold with no partner at all is *missed*;
    a candidate instance above the threshold with no partner is *extra*. An instance at 0.51 in one backend
@@ -119,7 +120,9 @@ class ToleranceProfile:
 PROFILES: dict[str, ToleranceProfile] = {
     # Same arithmetic, different kernels: differences are rounding noise (measured ~1e-4 px, ~1e-5 score).
     "fp32": ToleranceProfile(),
-    # Half precision in the network (11-bit mantissa): scores move by ~1e-2, boxes by a pixel or two.
+    # Half precision in the network (11-bit mantissa): scores move by ~1e-2, boxes by a pixel or two. The
+    # maximum score difference allows one near-tie swapped by NMS (measured: 0.069 on one pair of 92, with
+    # AP50 moving by 0.001-0.005); the AP50 limits below are what keeps the run honest.
     "fp16": ToleranceProfile(
         name="fp16",
         max_missed_frac=0.03,
@@ -129,21 +132,24 @@ PROFILES: dict[str, ToleranceProfile] = {
         min_mask_iou_p1=0.80,
         max_box_diff=4.0,
         max_box_diff_p99=1.5,
-        max_score_diff=0.05,
+        max_score_diff=0.10,
         min_ap50_vs_ref=0.95,
         max_ap50_gt_diff=0.01,
     ),
-    # bfloat16 keeps fp32's range but only an 8-bit mantissa: looser than fp16.
+    # bfloat16 keeps fp32's range but only an 8-bit mantissa: looser than fp16. On cells 5-20 px across a
+    # one-pixel edge shift costs 0.05-0.15 mask IoU, so a "strong" match is IoU >= 0.85 here (measured with
+    # OpenVINO bf16: mean IoU 0.92-0.94, 94-98 % of pairs >= 0.85, AP50 within 0.003 of fp32).
     "bf16": ToleranceProfile(
         name="bf16",
         max_missed_frac=0.05,
         max_extra_frac=0.05,
+        strong_iou=0.85,
         min_strong_match_frac=0.90,
-        min_mask_iou_mean=0.93,
-        min_mask_iou_p1=0.75,
+        min_mask_iou_mean=0.90,
+        min_mask_iou_p1=0.60,
         max_box_diff=6.0,
         max_box_diff_p99=2.0,
-        max_score_diff=0.08,
+        max_score_diff=0.15,
         min_ap50_vs_ref=0.93,
         max_ap50_gt_diff=0.015,
     ),

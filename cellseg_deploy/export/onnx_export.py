@@ -281,6 +281,7 @@ def _trace_to_onnx(
     import onnx
     import torch
 
+    from cellseg_deploy.export.roi_merge import gather_level_merge
     from cellseg_deploy.modeling.raw import OUTPUT_NAMES
 
     dynamic_axes: dict[str, dict[int, str]] = {name: {0: "N"} for name in OUTPUT_NAMES}
@@ -291,7 +292,14 @@ def _trace_to_onnx(
     # Only this export copy of the model is patched; the eager reference keeps torchvision's resize.
     transform.resize = types.MethodType(_resize_like_eager, transform)
     try:
-        with _quiet_tracer(), torch.no_grad(), tempfile.TemporaryDirectory(prefix="cellseg-export-") as tmp:
+        # gather_level_merge: one Gather instead of torchvision's per-level ScatterElements in the traced
+        # MultiScaleRoIAlign (bit-identical outputs, ~14 % less ONNX Runtime CPU time; see roi_merge.py).
+        with (
+            _quiet_tracer(),
+            torch.no_grad(),
+            gather_level_merge(),
+            tempfile.TemporaryDirectory(prefix="cellseg-export-") as tmp,
+        ):
             traced = Path(tmp) / "model.onnx"
             torch.onnx.export(
                 raw,

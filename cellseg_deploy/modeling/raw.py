@@ -53,7 +53,8 @@ class RawMaskRCNN(nn.Module):
 
     def __init__(self, model: MaskRCNN) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
+        self.eval()  # the wrapper too: torch.onnx.export restores the wrapper's mode down the whole tree
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return forward_raw(self.model, [image])[0]

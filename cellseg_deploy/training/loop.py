@@ -257,7 +257,8 @@ def validate(
     device = device or next(inner.parameters()).device
     was_training = inner.training
     inner.eval()
-    post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=max_dets)
+    # Like eval: keep every detection the model returns; the cap is COCOeval's (per image and category).
+    post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=None)
     image_ids = [int(im["id"]) for im in gt["images"]]
     results: list[dict[str, Any]] = []
     digest = hashlib.sha256()
@@ -515,7 +516,7 @@ class _Run:
             self.load_last()
         elif self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for name in (METRICS, BEST, CURVES):
+            for name in (LAST, METRICS, BEST, CURVES):  # a new run: nothing of an old one survives
                 (self.out_dir / name).unlink(missing_ok=True)
         if self.info.is_main:
             atomic_write_text(self.out_dir / RECIPE, r.to_yaml())

@@ -209,7 +209,7 @@ class ValSettings:
 
     Attributes:
         every_epochs: validate every N epochs (and always after the last one).
-        max_dets: COCOeval's detection cap per image (and the post-processing cap).
+        max_dets: COCOeval's cap: detections scored per image and category (as ``eval --max-dets``).
         score_thresh / mask_thresh: post-processing thresholds (the same as ``eval`` uses).
         early_stop_patience: stop after N validations without a better segm AP50 (0: never).
         min_delta: the smallest AP50 gain that counts as better.

@@ -36,22 +36,33 @@ def test_context_restores_torchvision() -> None:
 
 @pytest.mark.slow
 def test_export_with_gather_merge_gives_identical_outputs(
-    fast_checkpoint: Path, fast_onnx: Path, tmp_path: Path, fast_cell_images: dict[str, np.ndarray]
+    fast_checkpoint: Path,
+    fast_onnx: Path,
+    tmp_path: Path,
+    fast_cell_images: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The exporter uses the gather merge by default; torchvision's own merge gives the same outputs."""
+    import contextlib
+
     import onnx
     import onnxruntime as ort
 
+    import cellseg_deploy.export.roi_merge as roi_merge
     from cellseg_deploy.export.onnx_export import export_onnx
 
-    patched = tmp_path / "gather.onnx"
-    with gather_level_merge():
-        export_onnx(fast_checkpoint, patched)
+    plain = tmp_path / "scatter.onnx"
+    with monkeypatch.context() as m:
+        m.setattr(roi_merge, "gather_level_merge", contextlib.nullcontext)
+        export_onnx(fast_checkpoint, plain)
 
     def count(path: Path, op: str) -> int:
         return sum(n.op_type == op for n in onnx.load(str(path)).graph.node)
 
-    assert count(fast_onnx, "ScatterElements") == 6  # 3 pyramid levels x (box, mask) pools
-    assert count(patched, "ScatterElements") == 2  # one 1-D index scatter per pool
+    assert count(plain, "ScatterElements") == 6  # torchvision: 3 pyramid levels x (box, mask) pools
+    assert count(fast_onnx, "ScatterElements") == 2  # one 1-D index scatter per pool
+    patched = fast_onnx
+    fast_onnx = plain
     sessions = [
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fast_onnx, patched)
     ]

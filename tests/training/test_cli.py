@@ -113,3 +113,37 @@ def test_help_has_an_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "cellseg-deploy train --data" in out and "torchrun" in out and "--set" in out
+
+
+@pytest.mark.slow
+def test_local_weights_start_the_run(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, small_data: Path, tmp_path: Path
+) -> None:
+    """Offline initial weights: ``--pretrained-backbone`` (an ImageNet-style trunk state dict) and ``--init``
+    (a whole model, here the first run's checkpoint) load, are logged and are recorded in the recipe."""
+    import logging
+
+    import torch
+    from torchvision.models import resnet18
+
+    from cellseg_deploy.modeling import load_checkpoint
+
+    trunk = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), trunk)
+    quick = ["--set", "train.max_steps=1", "--set", "model.min_size=64", "--set", "model.max_size=96",
+             "--set", "data.max_val_images=1", "--set", "train.threads=1", "--no-progress"]  # fmt: skip
+    caplog.set_level(logging.INFO, logger="cellseg_deploy")
+    first, second = tmp_path / "a", tmp_path / "b"
+    code = main(
+        ["train", "--data", str(small_data), "--out", str(first), "--pretrained-backbone", str(trunk), *quick]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "pretrained_backbone: loaded" in caplog.text
+    assert load_checkpoint(first / "last.pt").recipe["weights"]["pretrained_backbone"] == str(trunk)
+    caplog.clear()
+    code = main(
+        ["train", "--data", str(small_data), "--out", str(second), "--init", str(first / "last.pt"), *quick]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "init: loaded" in caplog.text
+    assert load_checkpoint(second / "last.pt").recipe["weights"]["init"] == str(first / "last.pt")

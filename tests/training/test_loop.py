@@ -134,6 +134,22 @@ def test_checkpoint_alone_rebuilds_the_model_and_its_predictions(trained_tiny: t
         assert metrics[key] == ckpt.metrics[key], key
 
 
+def test_training_validation_ap_is_what_eval_reports(trained_tiny: tuple[Path, Path]) -> None:
+    from cellseg_deploy.evaluation.predict import evaluate_model
+
+    checkpoint, data_root = trained_tiny
+    ckpt = load_checkpoint(checkpoint)
+    recipe = Recipe.from_dict(ckpt.recipe)
+    result = evaluate_model(
+        checkpoint, "torch", data_root, "val", max_dets=recipe.val.max_dets,
+        val_fraction=recipe.data.val_fraction, seed=recipe.data.split_seed, progress=False,
+    )  # fmt: skip
+    for iou in ("segm", "bbox"):
+        for key in ("AP50", "AP", "AP75"):
+            assert result.metrics[iou][key] == ckpt.metrics[f"{iou}_{key}"], (iou, key)
+    assert result.metrics["segm"]["num_detections"] == ckpt.metrics["num_detections"]
+
+
 def test_trained_tiny_detects_cells(trained_tiny: tuple[Path, Path]) -> None:
     """The shared fixture's model is not degenerate: confident detections and a real AP50."""
     from cellseg_deploy.data.io import read_image
