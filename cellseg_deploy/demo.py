@@ -120,8 +120,16 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
     done = _step("parity", steps, echo)
     parity: dict[str, Any] = {}
     for b in BACKENDS:
-        verdict = run_parity(checkpoint, models[b.model], b.engine, data, split="val", profile=b.profile,
-                             candidate_precision=b.precision, progress=False)
+        verdict = run_parity(
+            checkpoint,
+            models[b.model],
+            b.engine,
+            data,
+            split="val",
+            profile=b.profile,
+            candidate_precision=b.precision,
+            progress=False,
+        )
         parity[b.label] = verdict
         echo(f"[demo]   parity {b.label}: {'PASS' if verdict.passed else 'FAIL'}")
     done()
@@ -131,9 +139,12 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
     for label, engine, model, precision in [("torch fp32", "torch", "checkpoint", "fp32")] + [
         (b.label, b.engine, b.model, b.precision) for b in BACKENDS
     ]:
-        evals[label] = evaluate_model(models[model], engine, data, "val", max_dets=config.max_dets,
-                                      precision=precision, progress=False)
-    test_eval = evaluate_model(onnx_result.path, "onnx", data, "test", max_dets=config.max_dets, progress=False)
+        evals[label] = evaluate_model(
+            models[model], engine, data, "val", max_dets=config.max_dets, precision=precision, progress=False
+        )
+    test_eval = evaluate_model(
+        onnx_result.path, "onnx", data, "test", max_dets=config.max_dets, progress=False
+    )
     done()
 
     done = _step("benchmark", steps, echo)
@@ -152,13 +163,32 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
 
     done = _step("predict", steps, echo)
     with create_runner("onnx", onnx_result.path) as runner:
-        summary = predict_folder(runner, data / "test_release", data / "test_image_name_to_ids.json",
-                                 out / "submission.zip", overlays_dir=out / "overlays", progress=False)
+        summary = predict_folder(
+            runner,
+            data / "test_release",
+            data / "test_image_name_to_ids.json",
+            out / "submission.zip",
+            overlays_dir=out / "overlays",
+            progress=False,
+        )
     done()
 
     rows = _summary_rows(evals, parity, bench)
-    report = write_report(out, config, check, trained, onnx_result, staged_result, parity, evals, test_eval,
-                          bench, summary, steps, rows)
+    report = write_report(
+        out,
+        config,
+        check,
+        trained,
+        onnx_result,
+        staged_result,
+        parity,
+        evals,
+        test_eval,
+        bench,
+        summary,
+        steps,
+        rows,
+    )
     atomic_write_json(out / "demo.json", {"steps_s": steps, "summary": rows, "report": str(report)})
     return DemoResult(report, rows, steps, all(p.passed for p in parity.values()))
 
@@ -175,8 +205,14 @@ def _summary_rows(evals: dict[str, Any], parity: dict[str, Any], bench: dict[str
         engine = label.split()[0]
         par = parity.get(label)
         lat = engines.get(engine, {}).get("latency", {}).get("p50_ms") if label.endswith("fp32") else None
-        rows.append([label, _fmt(_ap50(result)), "reference" if par is None else ("PASS" if par.passed else "FAIL"),
-                     "-" if lat is None else f"{lat:.1f}"])
+        rows.append(
+            [
+                label,
+                _fmt(_ap50(result)),
+                "reference" if par is None else ("PASS" if par.passed else "FAIL"),
+                "-" if lat is None else f"{lat:.1f}",
+            ]
+        )
     return rows
 
 
@@ -184,9 +220,21 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def write_report(out: Path, config: DemoConfig, check: Any, trained: Any, onnx_result: Any, staged_result: Any,
-                 parity: dict[str, Any], evals: dict[str, Any], test_eval: Any, bench: dict[str, Any],
-                 summary: Any, steps: dict[str, float], rows: list[list[Any]]) -> Path:
+def write_report(
+    out: Path,
+    config: DemoConfig,
+    check: Any,
+    trained: Any,
+    onnx_result: Any,
+    staged_result: Any,
+    parity: dict[str, Any],
+    evals: dict[str, Any],
+    test_eval: Any,
+    bench: dict[str, Any],
+    summary: Any,
+    steps: dict[str, float],
+    rows: list[list[Any]],
+) -> Path:
     """Write ``out/report.md`` (links are relative to ``out``)."""
 
     def rel(p: Any) -> str:
@@ -229,10 +277,36 @@ def write_report(out: Path, config: DemoConfig, check: Any, trained: Any, onnx_r
     prow = []
     for label, rep in parity.items():
         o = rep.overall
-        prow.append([label, rep.profile.name, "PASS" if rep.passed else "FAIL", o.get("matched"), o.get("missed"),
-                     o.get("extra"), _num(o.get("max_box_diff")), _num(o.get("min_iou")), _num(o.get("ap50_vs_ref"))])
-    lines += [markdown_table(prow, ["backend", "profile", "verdict", "matched", "missed", "extra",
-                                    "max box diff (px)", "min mask IoU", "AP50 vs torch"]), ""]
+        prow.append(
+            [
+                label,
+                rep.profile.name,
+                "PASS" if rep.passed else "FAIL",
+                o.get("matched"),
+                o.get("missed"),
+                o.get("extra"),
+                _num(o.get("max_box_diff")),
+                _num(o.get("min_iou")),
+                _num(o.get("ap50_vs_ref")),
+            ]
+        )
+    lines += [
+        markdown_table(
+            prow,
+            [
+                "backend",
+                "profile",
+                "verdict",
+                "matched",
+                "missed",
+                "extra",
+                "max box diff (px)",
+                "min mask IoU",
+                "AP50 vs torch",
+            ],
+        ),
+        "",
+    ]
     for label, rep in parity.items():
         if rep.failures:
             lines += [f"- {label} failures: " + "; ".join(rep.failures)]
@@ -240,18 +314,35 @@ def write_report(out: Path, config: DemoConfig, check: Any, trained: Any, onnx_r
     arow = []
     for label, result in evals.items():
         m = result.metrics["segm"]
-        arow.append([label, _fmt(m["AP"]), _fmt(m["AP50"]), _fmt(m["AP75"]),
-                     ", ".join(f"{k} {_fmt(v)}" for k, v in m["per_class_AP50"].items()), m["num_detections"]])
-    lines += [markdown_table(arow, ["backend", "AP", "AP50", "AP75", "per-class AP50", "detections"]),
-              "", f"Detection cap: {next(iter(evals.values())).max_dets} per image and category (COCOeval maxDets).",
-              f"Test split (ONNX Runtime): segm AP50 {_fmt(_ap50(test_eval))}.", "",
-              "## Speed", ""]
+        arow.append(
+            [
+                label,
+                _fmt(m["AP"]),
+                _fmt(m["AP50"]),
+                _fmt(m["AP75"]),
+                ", ".join(f"{k} {_fmt(v)}" for k, v in m["per_class_AP50"].items()),
+                m["num_detections"],
+            ]
+        )
+    lines += [
+        markdown_table(arow, ["backend", "AP", "AP50", "AP75", "per-class AP50", "detections"]),
+        "",
+        f"Detection cap: {next(iter(evals.values())).max_dets} per image and category (COCOeval maxDets).",
+        f"Test split (ONNX Runtime): segm AP50 {_fmt(_ap50(test_eval))}.",
+        "",
+        "## Speed",
+        "",
+    ]
     outputs = bench.get("outputs", {})
     if outputs.get("markdown"):
         lines += [Path(outputs["markdown"]).read_text().replace("](", "](bench/"), ""]
-    lines += ["## Predictions", "",
-              f"Submission: `{rel(summary.out_zip)}` ({summary.num_detections} detections on {summary.num_predicted} "
-              "test images).", ""]
+    lines += [
+        "## Predictions",
+        "",
+        f"Submission: `{rel(summary.out_zip)}` ({summary.num_detections} detections on {summary.num_predicted} "
+        "test images).",
+        "",
+    ]
     overlays = sorted(Path(summary.overlays_dir).glob("*.png"))[:3] if summary.overlays_dir else []
     lines += [f"![{p.stem}]({rel(p)})" for p in overlays]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -80,7 +80,9 @@ def paste_mask(
     padded[1:-1, 1:-1] = probs
     cx, cy = (box[0] + box[2]) * 0.5, (box[1] + box[3]) * 0.5
     hw, hh = (box[2] - box[0]) * 0.5 * scale, (box[3] - box[1]) * 0.5 * scale
-    bx0, by0, bx1, by1 = (int(v) for v in np.trunc(np.array([cx - hw, cy - hh, cx + hw, cy + hh], np.float32)))
+    bx0, by0, bx1, by1 = (
+        int(v) for v in np.trunc(np.array([cx - hw, cy - hh, cx + hw, cy + hh], np.float32))
+    )
     w = max(bx1 - bx0 + 1, 1)
     h = max(by1 - by0 + 1, 1)
     resized = cv2.resize(padded, (w, h), interpolation=cv2.INTER_LINEAR)

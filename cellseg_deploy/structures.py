@@ -36,7 +36,12 @@ class Detections:
 
     def __post_init__(self) -> None:
         n = len(self.boxes)
-        if self.boxes.shape != (n, 4) or len(self.labels) != n or len(self.scores) != n or len(self.mask_probs) != n:
+        if (
+            self.boxes.shape != (n, 4)
+            or len(self.labels) != n
+            or len(self.scores) != n
+            or len(self.mask_probs) != n
+        ):
             raise ValueError(
                 f"inconsistent detections: boxes {self.boxes.shape}, labels {self.labels.shape}, "
                 f"scores {self.scores.shape}, mask_probs {self.mask_probs.shape}"

@@ -27,7 +27,9 @@ def _gpu_skip_reason() -> str | None:
     except ImportError:
         return "torch is not installed"
     if not torch.cuda.is_available():
-        return "needs an NVIDIA GPU (torch.cuda.is_available() is False); run 'pytest -m gpu' on a GPU machine"
+        return (
+            "needs an NVIDIA GPU (torch.cuda.is_available() is False); run 'pytest -m gpu' on a GPU machine"
+        )
     return None
 
 
@@ -87,6 +89,8 @@ TRAINED_TINY_OVERRIDES = [
     "train.epochs=20",  # 5 steps of 2 images per epoch: 100 steps
     "val.every_epochs=20",  # validate once, at the end
     "train.checkpoint_every_steps=0",
+    "train.time_limit_min=0",  # bounded by steps, not by the clock: the same model on any machine
+    "schedule.time_aware=false",
 ]
 
 

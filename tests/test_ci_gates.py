@@ -28,8 +28,23 @@ pytestmark = pytest.mark.slow
 
 
 def _parity(checkpoint: Path, candidate: Path, engine: str, data: Path, profile: str, out: Path) -> dict:  # type: ignore[type-arg]
-    code = main(["parity", str(checkpoint), "--candidate", str(candidate), "--engine", engine, "--data", str(data),
-                 "--profile", profile, "--no-progress", "--json", str(out)])
+    code = main(
+        [
+            "parity",
+            str(checkpoint),
+            "--candidate",
+            str(candidate),
+            "--engine",
+            engine,
+            "--data",
+            str(data),
+            "--profile",
+            profile,
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert code == 0, f"parity gate failed for {engine} {profile}: {report.get('failures')}"
     return report  # type: ignore[no-any-return]

@@ -10,17 +10,45 @@ from cellseg_deploy.cli.common import format_table, json_option, write_json_resu
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True,
-              help="Run folder: data, training run, models, benchmark and report.md go below it.")
-@click.option("--train", "n_train", type=int, default=48, show_default=True, help="Synthetic training images.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+    help="Run folder: data, training run, models, benchmark and report.md go below it.",
+)
+@click.option(
+    "--train", "n_train", type=int, default=48, show_default=True, help="Synthetic training images."
+)
 @click.option("--test", "n_test", type=int, default=8, show_default=True, help="Synthetic test images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data (and of training via the recipe).")
-@click.option("--recipe", default="tiny_cpu", show_default=True, help="Training recipe: a name in train/ or a YAML path.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the data (and of training via the recipe).",
+)
+@click.option(
+    "--recipe",
+    default="tiny_cpu",
+    show_default=True,
+    help="Training recipe: a name in train/ or a YAML path.",
+)
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable)."
+)
 @click.option("--bench-iters", type=int, default=5, show_default=True, help="Measured benchmark rounds.")
 @json_option
-def demo(out: Path, n_train: int, n_test: int, seed: int, recipe: str, overrides: tuple[str, ...], bench_iters: int,
-         json_path: Path | None) -> None:
+def demo(
+    out: Path,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    recipe: str,
+    overrides: tuple[str, ...],
+    bench_iters: int,
+    json_path: Path | None,
+) -> None:
     """Synthesise data, train the tiny model, export, check parity and AP of every backend, benchmark, predict.
 
     Writes OUT/report.md with the tables and plots; nothing is downloaded. Exit code 1 if a parity check fails.
@@ -32,11 +60,27 @@ def demo(out: Path, n_train: int, n_test: int, seed: int, recipe: str, overrides
     from cellseg_deploy.demo import DemoConfig, run_demo
     from cellseg_deploy.errors import CheckFailed
 
-    result = run_demo(DemoConfig(out=out, n_train=n_train, n_test=n_test, seed=seed, recipe=recipe,
-                                 overrides=overrides, bench_iters=bench_iters), echo=click.echo)
+    result = run_demo(
+        DemoConfig(
+            out=out,
+            n_train=n_train,
+            n_test=n_test,
+            seed=seed,
+            recipe=recipe,
+            overrides=overrides,
+            bench_iters=bench_iters,
+        ),
+        echo=click.echo,
+    )
     click.echo("")
-    click.echo(format_table(result.summary_rows, ["backend", "segm AP50 (val)", "parity vs torch", "latency p50 (ms)"]))
+    click.echo(
+        format_table(
+            result.summary_rows, ["backend", "segm AP50 (val)", "parity vs torch", "latency p50 (ms)"]
+        )
+    )
     click.echo(f"\nreport: {result.report}")
-    write_json_result(json_path, {"report": str(result.report), "summary": result.summary_rows, "steps_s": result.steps})
+    write_json_result(
+        json_path, {"report": str(result.report), "summary": result.summary_rows, "steps_s": result.steps}
+    )
     if not result.all_parity_passed:
         raise CheckFailed("a parity check failed; see the report")

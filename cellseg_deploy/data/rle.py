@@ -20,13 +20,18 @@ RLE = dict[str, Any]
 
 def _to_str_counts(rle: dict[str, Any]) -> RLE:
     counts = rle["counts"]
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+    return {
+        "size": [int(rle["size"][0]), int(rle["size"][1])],
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
 
 
 def _to_bytes_counts(rle: RLE) -> dict[str, Any]:
     counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return {
+        "size": list(rle["size"]),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
 
 
 def encode_mask(mask: np.ndarray) -> RLE:
@@ -67,7 +72,9 @@ def encode_crop(crop: np.ndarray, x0: int, y0: int, image_size: tuple[int, int])
             touching = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
             if touching.size:
                 bounds = np.delete(bounds, np.concatenate((2 * touching + 1, 2 * touching + 2)))
-        edges = [np.zeros(1, np.int64), bounds] + ([np.full(1, total, np.int64)] if bounds[-1] != total else [])
+        edges = [np.zeros(1, np.int64), bounds] + (
+            [np.full(1, total, np.int64)] if bounds[-1] != total else []
+        )
         counts = np.diff(np.concatenate(edges)).tolist()
     return _to_str_counts(mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width))
 
@@ -81,7 +88,9 @@ def decode_rles(rles: list[RLE], image_size: tuple[int, int]) -> np.ndarray:
     """Decode RLEs to bool ``[N, H, W]`` (``N`` may be 0)."""
     if not rles:
         return np.zeros((0, *image_size), dtype=bool)
-    return np.ascontiguousarray(mask_utils.decode([_to_bytes_counts(r) for r in rles]).transpose(2, 0, 1)).astype(bool)
+    return np.ascontiguousarray(
+        mask_utils.decode([_to_bytes_counts(r) for r in rles]).transpose(2, 0, 1)
+    ).astype(bool)
 
 
 def rle_area(rle: RLE) -> int:

@@ -46,7 +46,9 @@ def build_model(
         BackendUnavailable: torchvision's download failed (no network): one line naming the offline option.
     """
     if pretrained not in PRETRAINED_CHOICES:
-        raise ConfigError(f"pretrained: unknown value {pretrained!r}; expected one of {list(PRETRAINED_CHOICES)}")
+        raise ConfigError(
+            f"pretrained: unknown value {pretrained!r}; expected one of {list(PRETRAINED_CHOICES)}"
+        )
     spec = get_arch(config.arch)
     config.validate()
     model = spec.build(config)
@@ -73,7 +75,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"cannot read weight file {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        raise CheckpointError(
+            f"cannot read weight file {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -93,8 +97,14 @@ def _load_local_weights(module: torch.nn.Module, path: Path, what: str) -> None:
             f"(first key {next(iter(state), None)!r}); is it for another architecture?"
         )
     module.load_state_dict(fitting, strict=False)
-    log.info("%s: loaded %d/%d tensors from %s (%d skipped: missing or different shape)",
-             what, len(fitting), len(own), path, len(state) - len(fitting))
+    log.info(
+        "%s: loaded %d/%d tensors from %s (%d skipped: missing or different shape)",
+        what,
+        len(fitting),
+        len(own),
+        path,
+        len(state) - len(fitting),
+    )
 
 
 def _download_failed(what: str, exc: Exception) -> Exception:
@@ -112,7 +122,9 @@ def _load_torchvision_coco(model: MaskRCNN, config: ModelConfig) -> None:
 
     spec = get_arch(config.arch)
     if spec.coco_weights is None:
-        raise ConfigError(f"pretrained: architecture {config.arch!r} has no COCO weights; use 'imagenet' or 'none'")
+        raise ConfigError(
+            f"pretrained: architecture {config.arch!r} has no COCO weights; use 'imagenet' or 'none'"
+        )
     weights = getattr(det, spec.coco_weights).DEFAULT
     try:
         state = weights.get_state_dict(progress=True)

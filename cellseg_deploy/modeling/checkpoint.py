@@ -17,6 +17,7 @@ Writes are atomic (temporary file, then rename), so a crash never leaves a broke
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import platform
 from dataclasses import dataclass, field
@@ -48,10 +49,8 @@ def library_versions() -> dict[str, str]:
         "numpy": str(numpy.__version__),
     }
     for name in ("onnx", "onnxruntime"):
-        try:
+        with contextlib.suppress(ImportError):
             versions[name] = str(__import__(name).__version__)
-        except ImportError:
-            pass
     return versions
 
 
@@ -121,7 +120,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train one with 'cellseg-deploy train' or check the path")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; train one with 'cellseg-deploy train' or check the path"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

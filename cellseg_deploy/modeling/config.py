@@ -73,7 +73,9 @@ class ModelConfig:
         """Number of classes including background (label 0)."""
         return len(self.class_names) + 1
 
-    def resolved_anchor_sizes(self, default: str | tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    def resolved_anchor_sizes(
+        self, default: str | tuple[tuple[int, ...], ...]
+    ) -> tuple[tuple[int, ...], ...]:
         """Anchor sizes per level, resolving a preset name (``default`` when ``anchor_sizes`` is None)."""
         sizes = self.anchor_sizes if self.anchor_sizes is not None else default
         if isinstance(sizes, str):
@@ -121,12 +123,22 @@ class ModelConfig:
         from cellseg_deploy.modeling.registry import list_architectures
 
         if self.arch not in list_architectures():
-            raise ConfigError(f"model.arch: unknown architecture {self.arch!r}; expected one of {list_architectures()}")
+            raise ConfigError(
+                f"model.arch: unknown architecture {self.arch!r}; expected one of {list_architectures()}"
+            )
         if not self.class_names:
             raise ConfigError("model.class_names: needs at least one class name")
-        for name in ("min_size", "max_size", "detections_per_img", "rpn_pre_nms_top_n_train",
-                     "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
-                     "rpn_batch_size_per_image", "box_batch_size_per_image"):
+        for name in (
+            "min_size",
+            "max_size",
+            "detections_per_img",
+            "rpn_pre_nms_top_n_train",
+            "rpn_post_nms_top_n_train",
+            "rpn_pre_nms_top_n_test",
+            "rpn_post_nms_top_n_test",
+            "rpn_batch_size_per_image",
+            "box_batch_size_per_image",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}: must be a positive integer, got {getattr(self, name)}")
         if self.max_size < self.min_size:
@@ -148,7 +160,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return value
         if isinstance(value, list | tuple) and all(isinstance(level, list | tuple) for level in value):
             return tuple(tuple(int(s) for s in level) for level in value)
-        raise ConfigError(f"model.anchor_sizes: expected a preset name {sorted(ANCHOR_PRESETS)} or a list of lists of ints, got {value!r}")
+        raise ConfigError(
+            f"model.anchor_sizes: expected a preset name {sorted(ANCHOR_PRESETS)} or a list of lists of ints, got {value!r}"
+        )
     if name == "extra":
         if not isinstance(value, dict):
             raise ConfigError(f"model.extra: expected a mapping, got {type(value).__name__}")
@@ -160,7 +174,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         try:
             return tuple(elem_type(v) for v in value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"model.{name}: expected a list of {elem_type.__name__}, got {value!r}") from exc
+            raise ConfigError(
+                f"model.{name}: expected a list of {elem_type.__name__}, got {value!r}"
+            ) from exc
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"model.{name}: expected true or false, got {value!r}")

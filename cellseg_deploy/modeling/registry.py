@@ -82,7 +82,9 @@ def _build_r50_fpn_v2(config: ModelConfig) -> MaskRCNN:
     kwargs = common_kwargs(config, "default", 256)
     if len(kwargs["rpn_anchor_generator"].sizes) != 5:
         raise_levels(config, 5)
-    kwargs["rpn_head"] = RPNHead(256, kwargs["rpn_anchor_generator"].num_anchors_per_location()[0], conv_depth=2)
+    kwargs["rpn_head"] = RPNHead(
+        256, kwargs["rpn_anchor_generator"].num_anchors_per_location()[0], conv_depth=2
+    )
     trunk = resnet50(weights=None, norm_layer=nn.BatchNorm2d)
     backbone = _resnet_fpn_extractor(trunk, trainable_layers=5, norm_layer=nn.BatchNorm2d)
     box_head = FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)

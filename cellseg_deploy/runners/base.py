@@ -87,7 +87,9 @@ class Runner(abc.ABC):
         if not cls.model_suffixes:
             return
         is_dir = path.is_dir()
-        ok = ("/" in cls.model_suffixes and is_dir) or (not is_dir and path.suffix.lower() in cls.model_suffixes)
+        ok = ("/" in cls.model_suffixes and is_dir) or (
+            not is_dir and path.suffix.lower() in cls.model_suffixes
+        )
         if not ok:
             raise ModelFileError(
                 f"runner {cls.name!r} cannot read {path}: expected "
@@ -167,14 +169,22 @@ class Runner(abc.ABC):
 
     def _require_loaded(self) -> None:
         if not self._loaded:
-            raise RuntimeError(f"runner {self.name!r} is not loaded; use it as a context manager or call load()")
+            raise RuntimeError(
+                f"runner {self.name!r} is not loaded; use it as a context manager or call load()"
+            )
 
 
 def check_image(image: np.ndarray) -> None:
     """Raise :class:`UserError` unless ``image`` is an RGB uint8 ``[H, W, 3]`` array with ``H, W >= 1``."""
     if not isinstance(image, np.ndarray):
         raise UserError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+    if (
+        image.dtype != np.uint8
+        or image.ndim != 3
+        or image.shape[2] != 3
+        or image.shape[0] < 1
+        or image.shape[1] < 1
+    ):
         raise UserError(
             f"image must be RGB uint8 [H, W, 3] with H, W >= 1, got {image.dtype} {list(image.shape)}; "
             "read images with cellseg_deploy.data.io.read_image"

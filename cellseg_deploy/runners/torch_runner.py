@@ -20,7 +20,9 @@ def detections_from_torch(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], image_size: tuple[int, int]
 ) -> Detections:
     """Raw model outputs (any device/dtype) -> :class:`Detections` (numpy, fp32 boxes/scores/masks)."""
-    boxes, labels, scores, masks = (t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for t in out)
+    boxes, labels, scores, masks = (
+        t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for t in out
+    )
     return Detections(
         boxes=boxes.numpy().astype(np.float32),
         labels=labels.numpy().astype(np.int64),
@@ -46,7 +48,9 @@ class TorchRunner(Runner):
 
     def _load(self) -> None:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable(f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+            raise BackendUnavailable(
+                f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu"
+            )
         if self.precision == "fp16" and not self.device.startswith("cuda"):
             raise BackendUnavailable("torch fp16 runs on CUDA only; on the CPU use --precision bf16 or fp32")
         if self.threads is not None:

@@ -695,7 +695,11 @@ class _Run:
         """One optimizer step on a batch; returns the loss parts as floats."""
         r = self.recipe
         torch.manual_seed(step_seed(r.seed, self.step, self.info.rank))
-        factor = self.schedule.factor(self.step)
+        time_fraction = 0.0
+        if r.schedule.time_aware:  # rank 0's clock, so every process sets the same rate
+            elapsed = broadcast_floats(self.info, [self.elapsed()])[0]
+            time_fraction = elapsed / (60.0 * r.train.time_limit_min)
+        factor = self.schedule.factor(self.step, time_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         self.current_lr = r.optim.lr * factor

@@ -159,6 +159,10 @@ class ScheduleSettings:
         gamma: the factor for ``step`` and ``plateau``.
         min_factor: floor of ``cosine``, relative to ``lr``.
         patience: validations without improvement before ``plateau`` lowers the rate.
+        time_aware: ``cosine`` with ``train.time_limit_min``: the cosine follows whichever is further along, the
+            steps or the clock (``elapsed / time limit`` of all steps), so a machine slower than planned still
+            anneals before the limit stops it. Where the clock leads, the run depends on the machine's speed
+            (not bitwise reproducible); on a machine fast enough for the planned steps it changes nothing.
     """
 
     name: str = field(default="cosine", metadata=_choices(*SCHEDULES))
@@ -168,6 +172,7 @@ class ScheduleSettings:
     gamma: float = 0.1
     min_factor: float = 0.0
     patience: int = 2
+    time_aware: bool = False
 
 
 @dataclass(frozen=True)
@@ -452,6 +457,12 @@ def _validate(r: Recipe) -> None:
         "schedule.milestones",
         "needs at least one epoch for 'step'",
         [],
+    )
+    _check(
+        not s.time_aware or (s.name == "cosine" and t.time_limit_min > 0),
+        "schedule.time_aware",
+        "needs schedule.name 'cosine' and train.time_limit_min > 0",
+        s.time_aware,
     )
     _check(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)

@@ -31,8 +31,13 @@ class LRSchedule:
         self.best: float | None = None
         self.bad = 0
 
-    def factor(self, step: int) -> float:
-        """The learning-rate multiplier for the optimizer step with 0-based index ``step``."""
+    def factor(self, step: int, time_fraction: float = 0.0) -> float:
+        """The learning-rate multiplier for the optimizer step with 0-based index ``step``.
+
+        ``time_fraction`` (elapsed time / time limit; used when ``time_aware``): the cosine is evaluated at
+        ``max(step, time_fraction * total_steps)``, so it moves on when the clock is further along than the
+        steps (and never before: on a machine fast enough for the planned steps nothing changes).
+        """
         s = self.settings
         warm = 1.0
         if step < s.warmup_steps:
@@ -44,7 +49,8 @@ class LRSchedule:
             main = s.gamma ** sum(1 for m in s.milestones if m <= done_epochs)
         elif s.name == "cosine":
             span = max(1, self.total_steps - s.warmup_steps)
-            progress = min(1.0, max(0.0, (step - s.warmup_steps) / span))
+            where = max(step, time_fraction * self.total_steps) if s.time_aware else step
+            progress = min(1.0, max(0.0, (where - s.warmup_steps) / span))
             main = s.min_factor + (1.0 - s.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
         else:  # plateau
             main = self.plateau_factor

@@ -144,8 +144,8 @@ def test_image_without_detections(runners: tuple[Runner, Runner]) -> None:
 
 def test_grayscale_tiff_read_as_three_channels(runners: tuple[Runner, Runner], tmp_path: Path) -> None:
     import tifffile
-    from cellseg_deploy.data.io import read_image
 
+    from cellseg_deploy.data.io import read_image
     from cellseg_deploy.export.onnx_export import synthetic_cell_image
 
     gray = synthetic_cell_image(200, 260, seed=9, n_cells=25)[..., 1]

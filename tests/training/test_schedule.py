@@ -37,3 +37,12 @@ def test_plateau_lowers_after_patience_and_resumes_from_its_state() -> None:
     assert again.factor(50) == 0.5
     assert again.observe(0.1) is False and again.observe(0.1) is True
     assert again.factor(0) == 0.25
+
+
+def test_time_aware_cosine_follows_the_clock_only_when_it_leads() -> None:
+    settings = ScheduleSettings(name="cosine", warmup_steps=0, time_aware=True)
+    s = LRSchedule(settings, 10, 100)
+    plain = LRSchedule(ScheduleSettings(name="cosine", warmup_steps=0), 10, 100)
+    assert s.factor(50, time_fraction=0.2) == plain.factor(50)  # the steps lead: the schedule is unchanged
+    assert s.factor(20, time_fraction=0.5) == pytest.approx(plain.factor(50))  # the clock leads
+    assert s.factor(20, time_fraction=1.5) == pytest.approx(0.0)
