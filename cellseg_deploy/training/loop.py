@@ -294,7 +294,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` (``kind`` is ``train`` or ``val``)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill (only the last one can be)
+            continue
+    return records
 
 
 def plot_curves(records: list[dict[str, Any]], dest: Path) -> Path:
@@ -432,7 +438,7 @@ class _Run:
     def say(self, msg: str) -> None:
         if not self.info.is_main:
             return
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:  # keep the bar intact
             self.bar.write(msg, file=sys.stderr)
         else:
             log.info(msg)
@@ -535,8 +541,8 @@ class _Run:
         if ts is None:
             raise CheckpointError(f"{self.out_dir / LAST} has no train_state; it cannot be resumed")
         changed = _diff(ckpt.recipe, self.recipe_dict)
-        if changed:
-            self.say(f"warning: resuming with recipe changes {changed}")
+        if changed and self.info.is_main:
+            log.warning("resuming %s with recipe changes: %s", self.out_dir / LAST, changed)
         if ts.get("world_size", 1) != self.info.world_size:
             raise ConfigError(
                 f"cannot resume: the run used {ts.get('world_size')} process(es), this one {self.info.world_size}; "
@@ -783,8 +789,7 @@ class _Run:
             )
             patience = r.val.early_stop_patience
             stop = float(patience > 0 and self.bad_validations >= patience)
-            if self.progress:
-                plot_curves(read_metrics(self.out_dir / METRICS), self.out_dir / CURVES)
+            plot_curves(read_metrics(self.out_dir / METRICS), self.out_dir / CURVES)
         ap50, stop = broadcast_floats(self.info, [ap50, stop])
         if self.schedule.observe(ap50, r.val.min_delta) and self.info.is_main:
             self.say(f"plateau: learning rate factor now {self.schedule.plateau_factor:g}")
