@@ -75,6 +75,11 @@ class OrtRunner(Runner):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # No busy-waiting between runs: ONNX Runtime's pool otherwise spins after each run and steals the cores
+        # from whatever runs next (another engine in an interleaved benchmark, the host's own post-processing).
+        # Option ``spinning=true`` restores ONNX Runtime's default.
+        spinning = "1" if str(self.options.get("spinning", "false")).lower() in ("1", "true", "yes") else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         level = str(self.options.get("graph_optimization", "all"))
         if level not in GRAPH_OPT_LEVELS:
             raise UserError(

@@ -125,6 +125,8 @@ class OrtExecutor(StageExecutor):
 
         self.device = torch.device(device)
         opts = ort.SessionOptions()
+        # No busy-waiting between stage runs: the host steps in between need the cores (see ort_runner.py).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
