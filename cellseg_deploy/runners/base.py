@@ -189,3 +189,12 @@ def check_image(image: np.ndarray) -> None:
             f"image must be RGB uint8 [H, W, 3] with H, W >= 1, got {image.dtype} {list(image.shape)}; "
             "read images with cellseg_deploy.data.io.read_image"
         )
+
+
+def check_static_size(model_path: Path, fixed_size: tuple[int, int] | None, size: tuple[int, int]) -> None:
+    """Raise :class:`UserError` when a graph exported for one input size (``--static``) gets another ``(H, W)``."""
+    if fixed_size is not None and size != fixed_size:
+        raise UserError(
+            f"{model_path} was exported for {fixed_size[0]}x{fixed_size[1]} images only, got "
+            f"{size[0]}x{size[1]}; export again without --static"
+        )

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
-from cellseg_deploy.runners.base import Runner
+from cellseg_deploy.runners.base import Runner, check_static_size
 from cellseg_deploy.runners.registry import register_runner
 from cellseg_deploy.structures import Detections
 
@@ -222,11 +222,7 @@ class OpenVINORunner(Runner):
     # -- inference -----------------------------------------------------------------------------------------
     def _infer(self, image: np.ndarray) -> Detections:
         height, width = int(image.shape[0]), int(image.shape[1])
-        if self.fixed_size is not None and (height, width) != self.fixed_size:
-            raise UserError(
-                f"{self.model_path} was exported for {self.fixed_size[0]}x{self.fixed_size[1]} images only, got "
-                f"{height}x{width}; export again without --static"
-            )
+        check_static_size(self.model_path, self.fixed_size, (height, width))
         t0 = time.perf_counter()
         feed = np.ascontiguousarray(image, dtype=np.uint8)
         t1 = time.perf_counter()
