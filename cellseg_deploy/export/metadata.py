@@ -191,3 +191,35 @@ def graph_sha256(model: onnx.ModelProto) -> str:
     bare.CopyFrom(model)
     del bare.metadata_props[:]
     return hashlib.sha256(bare.SerializeToString(deterministic=True)).hexdigest()
+
+
+def read_manifest(path: Path, name: str, fmt: str, missing: str, kind: str) -> tuple[Path, dict[str, Any]]:
+    """Read a JSON manifest given as a file or as the folder holding ``name``; check its ``format``.
+
+    Args:
+        path: the manifest file or its folder.
+        name: the manifest's file name inside a folder (``manifest.json``, ``engines.json``).
+        fmt: the expected ``"format"`` value.
+        missing: the one-line message when there is no manifest.
+        kind: what the manifest is, with its article, for the wrong-format message ("a stage manifest").
+
+    Returns:
+        ``(manifest_path, manifest)``.
+
+    Raises:
+        ModelFileError: no manifest, unreadable JSON, or another format.
+    """
+    from cellseg_deploy.errors import ModelFileError
+
+    path = Path(path)
+    manifest_path = path / name if path.is_dir() else path
+    if not manifest_path.is_file():
+        raise ModelFileError(missing)
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"cannot read {manifest_path}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ModelFileError(f"{manifest_path} is not {kind} (format {found!r}, expected {fmt!r})")
+    return manifest_path, manifest

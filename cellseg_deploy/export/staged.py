@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import time
 import warnings
@@ -773,21 +772,10 @@ def load_stage_folder(path: Path) -> StageFolder:
     Raises:
         ModelFileError: no manifest, unreadable JSON, or not a cellseg-deploy stage folder.
     """
-    path = Path(path)
-    manifest_path = path / MANIFEST_NAME if path.is_dir() else path
-    if not manifest_path.is_file():
-        raise ModelFileError(
-            f"{path} is not a stage folder (no {MANIFEST_NAME}); make one with 'cellseg-deploy export --format staged'"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"cannot read {manifest_path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != STAGED_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ModelFileError(
-            f"{manifest_path} is not a stage manifest (format {found!r}, expected {STAGED_FORMAT!r})"
-        )
+    from cellseg_deploy.export.metadata import read_manifest
+
+    missing = f"{path} is not a stage folder (no {MANIFEST_NAME}); make one with 'cellseg-deploy export --format staged'"
+    manifest_path, manifest = read_manifest(path, MANIFEST_NAME, STAGED_FORMAT, missing, "a stage manifest")
     return StageFolder(root=manifest_path.parent, manifest=manifest)
 
 

@@ -22,7 +22,6 @@ pure and runs without TensorRT.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import time
@@ -343,21 +342,12 @@ class EngineSet:
 
 def load_engine_set(path: Path) -> EngineSet:
     """Read ``engines.json`` (or the folder holding it)."""
-    path = Path(path)
-    manifest_path = path / ENGINES_MANIFEST if path.is_dir() else path
-    if not manifest_path.is_file():
-        raise ModelFileError(
-            f"no {ENGINES_MANIFEST} at {path}; build engines with 'cellseg-deploy export --format trt'"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"cannot read {manifest_path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != ENGINES_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ModelFileError(
-            f"{manifest_path} is not an engine manifest (format {found!r}, expected {ENGINES_FORMAT!r})"
-        )
+    from cellseg_deploy.export.metadata import read_manifest
+
+    missing = f"no {ENGINES_MANIFEST} at {path}; build engines with 'cellseg-deploy export --format trt'"
+    manifest_path, manifest = read_manifest(
+        path, ENGINES_MANIFEST, ENGINES_FORMAT, missing, "an engine manifest"
+    )
     return EngineSet(root=manifest_path.parent, manifest=manifest)
 
 
