@@ -97,12 +97,13 @@ def paste_mask(
 def postprocess(det: Detections, config: PostprocessConfig | None = None) -> Instances:
     """Raw detections -> instances with RLE masks at the original resolution.
 
-    Adds ``"paste"`` and ``"rle"`` (seconds) to ``det.timings``.
+    The kept rows' mask probabilities (float32 ``[N, M, M]``, before pasting) travel along as
+    :attr:`Instances.mask_probs`, for parity. Adds ``"paste"`` and ``"rle"`` (seconds) to ``det.timings``.
     """
     config = config or PostprocessConfig()
     keep = select_detections(det, config)
     boxes = det.boxes[keep].astype(np.float32, copy=False)
-    probs = det.mask_probs[keep]
+    probs = det.mask_probs[keep].astype(np.float32, copy=False)  # a copy of the kept rows only
     paste_s = rle_s = 0.0
     rles = []
     for i in range(len(keep)):
@@ -121,4 +122,5 @@ def postprocess(det: Detections, config: PostprocessConfig | None = None) -> Ins
         scores=det.scores[keep].astype(np.float32, copy=False),
         rles=rles,
         image_size=det.image_size,
+        mask_probs=probs,
     )

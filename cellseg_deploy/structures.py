@@ -75,6 +75,13 @@ class Instances:
         rles: ``N`` COCO compressed RLEs ``{"size": [H, W], "counts": str}`` of the binary masks at the
             original resolution (column-major, as pycocotools encodes them).
         image_size: ``(H, W)``.
+        mask_probs: optional float32 ``[N, M, M]``, the mask head's probabilities in [0, 1] of the same rows,
+            at the head's resolution (``M`` = 28 for torchvision) and relative to each box, i.e. before
+            pasting and thresholding (what :attr:`Detections.mask_probs` held for the kept detections).
+            :func:`~cellseg_deploy.postprocess.postprocess` fills it (``N * M * M * 4`` bytes: 3 KiB per
+            instance); ``None`` when the producer did not keep them (hand-made instances, read from files).
+            Parity compares them between backends, since the binary masks hide a probability error that
+            stays on one side of the mask threshold.
     """
 
     boxes: np.ndarray
@@ -82,6 +89,7 @@ class Instances:
     scores: np.ndarray
     rles: list[dict[str, Any]]
     image_size: tuple[int, int]
+    mask_probs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -101,4 +109,5 @@ class Instances:
             scores=self.scores[idx],
             rles=[self.rles[i] for i in idx],
             image_size=self.image_size,
+            mask_probs=None if self.mask_probs is None else self.mask_probs[idx],
         )

@@ -7,9 +7,12 @@ with ``cellseg-deploy export`` and checked with ``cellseg-deploy parity``, exact
   from PyTorch's by at most :data:`ONNX_AP50_GATE`.
 - Staged graphs run by ONNX Runtime, fp32 and fp16: parity passes with the matching profile and segm AP50 differs
   by at most :data:`STAGED_AP50_GATE`.
+- A broken ONNX export, its mask logits multiplied by 2 before the mask head's Sigmoid: the binary masks,
+  thresholded at 0.5, barely change (this candidate used to pass the fp32 profile), so the gate must fail it on
+  the mask probability check (``p99_mask_prob_diff``: the mask head's probabilities before pasting), exit code 1.
 
-Breaking an export (another checkpoint, scaled mask logits) makes the parity command exit 1: see
-``tests/parity/test_parity_onnx.py``.
+More broken exports (another checkpoint, mask probabilities scaled by 0.7, mask logits scaled by 2 or 0.5)
+and what their reports say: ``tests/parity/test_parity_onnx.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from cellseg_deploy.cli.main import main
+from cellseg_deploy.evaluation.parity import PROFILES
+from tests.parity.parity_helpers import scale_mask_logits
 
 ONNX_AP50_GATE = 0.002
 STAGED_AP50_GATE = 0.01
@@ -27,7 +32,9 @@ STAGED_AP50_GATE = 0.01
 pytestmark = pytest.mark.slow
 
 
-def _parity(checkpoint: Path, candidate: Path, engine: str, data: Path, profile: str, out: Path) -> dict:  # type: ignore[type-arg]
+def _run_parity(
+    checkpoint: Path, candidate: Path, engine: str, data: Path, profile: str, out: Path
+) -> tuple[int, dict]:  # type: ignore[type-arg]
     code = main(
         [
             "parity",
@@ -45,9 +52,13 @@ def _parity(checkpoint: Path, candidate: Path, engine: str, data: Path, profile:
             str(out),
         ]
     )
-    report = json.loads(out.read_text())
+    return code, json.loads(out.read_text())
+
+
+def _parity(checkpoint: Path, candidate: Path, engine: str, data: Path, profile: str, out: Path) -> dict:  # type: ignore[type-arg]
+    code, report = _run_parity(checkpoint, candidate, engine, data, profile, out)
     assert code == 0, f"parity gate failed for {engine} {profile}: {report.get('failures')}"
-    return report  # type: ignore[no-any-return]
+    return report
 
 
 def test_onnx_export_passes_the_parity_and_ap50_gates(trained_tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -67,3 +78,22 @@ def test_staged_export_passes_the_parity_and_ap50_gates(trained_tiny, tmp_path: 
     assert main(["export", str(checkpoint), "--format", "staged", "--out", str(stages), "--fp16"]) == 0
     report = _parity(checkpoint, stages, "staged-onnx", data, precision, tmp_path / "parity.json")
     assert abs(report["ap50_gt"]["diff"]) <= STAGED_AP50_GATE
+
+
+def test_onnx_export_with_scaled_mask_logits_fails_the_parity_gate(  # type: ignore[no-untyped-def]
+    trained_tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint, data = trained_tiny
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    scaled = scale_mask_logits(onnx_path, tmp_path / "model-mask-logits-x2.onnx", 2.0)
+    code, report = _run_parity(checkpoint, scaled, "onnx", data, "fp32", tmp_path / "parity.json")
+    assert code == 1 and report["passed"] is False
+    failed = [f.split(" ")[0] for f in report["failures"]]
+    assert "p99_mask_prob_diff" in failed, report["failures"]
+    assert report["overall"]["p99_mask_prob_diff"] > 10 * PROFILES["fp32"].max_mask_prob_diff_p99
+    # Boxes and scores come from other heads and are untouched: the report points at the masks.
+    assert not {"max_box_diff", "p99_box_diff", "max_score_diff"} & set(failed), report["failures"]
+    captured = capsys.readouterr()
+    assert "p99_mask_prob_diff" in captured.err.strip().splitlines()[-1]  # the one-line error names it
+    assert "FAILED" in captured.out

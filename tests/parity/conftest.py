@@ -1,5 +1,6 @@
 """Fixtures of the parity tests: the trained tiny model with its synthetic data set, its ONNX export, and
-deliberately broken candidates.
+deliberately broken candidates (another checkpoint; mask probabilities or mask logits scaled inside the
+graph).
 
 The exports are cached in pytest's session folder, so each is made once per session however many test
 modules ask for it.
@@ -7,11 +8,12 @@ modules ask for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from parity_helpers import ParityModel
+from parity_helpers import ParityModel, scale_mask_logits
 
 
 def cached_export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, name: str) -> Path:
@@ -76,3 +78,17 @@ def scaled_mask_onnx(parity_onnx: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.getbasetemp() / "onnx-cache" / "parity-tiny-scaled-masks.onnx"
     onnx.save(model, str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def scaled_logits_onnx(
+    parity_onnx: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[float], Path]:
+    """``factor -> path``: the parity model's export with its mask *logits* multiplied by ``factor`` before the
+    Sigmoid (made once per factor). Thresholding at 0.5 hides most of it: the binary masks barely move."""
+
+    def make(factor: float) -> Path:
+        out = tmp_path_factory.getbasetemp() / "onnx-cache" / f"parity-tiny-mask-logits-x{factor:g}.onnx"
+        return out if out.exists() else scale_mask_logits(parity_onnx, out, factor)
+
+    return make

@@ -1,4 +1,5 @@
-"""Instance matching, counting at the score threshold, tolerance profiles and verdicts, on hand-made instances."""
+"""Instance matching, counting at the score threshold, mask probability differences, tolerance profiles and
+verdicts, on hand-made instances."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from cellseg_deploy.evaluation.parity import (
     get_profile,
     parse_tolerances,
 )
-from cellseg_deploy.structures import Instances
+from cellseg_deploy.postprocess import PostprocessConfig, postprocess
+from cellseg_deploy.structures import Detections, Instances
 
 H, W = 40, 60
 
@@ -155,6 +157,9 @@ def test_profiles_get_looser_with_lower_precision() -> None:
         pa, pb = PROFILES[a], PROFILES[b]
         assert pb.max_box_diff >= pa.max_box_diff and pb.max_missed_frac >= pa.max_missed_frac
         assert pb.min_mask_iou_mean <= pa.min_mask_iou_mean and pb.min_ap50_vs_ref <= pa.min_ap50_vs_ref
+        assert pb.max_mask_prob_diff_p99 >= pa.max_mask_prob_diff_p99
+    # fp32 as the exporter's own check on raw outputs; far below logits scaled by 2 (0.150 on every pair).
+    assert PROFILES["fp32"].max_mask_prob_diff_p99 == 0.01 and PROFILES["fp16"].max_mask_prob_diff_p99 < 0.15
 
 
 def test_tolerance_overrides_are_checked() -> None:
@@ -170,3 +175,120 @@ def test_tolerance_overrides_are_checked() -> None:
         get_profile("fp8")
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
         ToleranceProfile(min_mask_iou_mean=1.5)
+    with pytest.raises(ConfigError, match=r"max_mask_prob_diff_p99: expected a value in \[0, 1\]"):
+        get_profile("fp32", {"max_mask_prob_diff_p99": 2})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mask probabilities (the mask head's M x M output, before pasting)
+# ----------------------------------------------------------------------------------------------------------
+
+PROB_DELTAS = [0.0, 0.003, 0.2, 0.05]
+"""Per cell of CELLS, how far the candidate's mask probabilities move at one pixel (all stay on their side of
+the 0.5 mask threshold, so the binary masks are identical)."""
+
+
+def with_probs(inst: Instances, probs: np.ndarray | None) -> Instances:
+    inst.mask_probs = probs
+    return inst
+
+
+def probs_pair(m: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Reference probabilities in [0.6, 0.9] and the candidate's, moved by ``PROB_DELTAS`` at one pixel each."""
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.6, 0.9, size=(len(CELLS), m, m)).astype(np.float32)
+    cand = ref.copy()
+    for i, delta in enumerate(PROB_DELTAS):
+        cand[i, 3 + i, 5] += delta
+    return ref, cand
+
+
+def test_mask_probability_differences_of_matched_pairs() -> None:
+    p_ref, p_cand = probs_pair()
+    ref = with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref)
+    order = np.array([2, 0, 3, 1])  # the candidate lists the same cells in another order
+    cand = with_probs(make([CELLS[i] for i in order], [0.7, 0.9, 0.6, 0.8]), p_cand[order])
+    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    assert p.matched == 4 and p.mask_probs_skipped == ""
+    assert p.mask_prob_diffs is not None
+    # Per pair (in reference order), the largest |p_ref - p_cand| over the 28 x 28 map: the pairs follow the
+    # matching, not the row order.
+    np.testing.assert_allclose(p.mask_prob_diffs, PROB_DELTAS, atol=1e-6)
+    s = p.summary()
+    assert s["max_mask_prob_diff"] == pytest.approx(0.2, abs=1e-6)
+    assert s["p99_mask_prob_diff"] == pytest.approx(np.percentile(PROB_DELTAS, 99), abs=1e-6)
+    assert s["min_iou"] == 1.0 and s["max_box_diff"] == 0.0  # the binary masks cannot see it
+
+
+def test_mask_probability_difference_fails_the_verdict_alone() -> None:
+    p_ref, p_cand = probs_pair()
+    ref = {i: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref) for i in (1, 2)}
+    cand = {
+        1: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref.copy()),
+        2: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_cand),
+    }
+    report = compare_runs(ref, cand, profile=PROFILES["fp32"], names={1: "a", 2: "b"})
+    o = report.overall
+    assert o["mask_prob_pairs"] == 8 and o["mask_probs_skipped"] is None
+    assert o["max_mask_prob_diff"] == pytest.approx(0.2, abs=1e-6)
+    expected_p99 = np.percentile([0.0] * 4 + PROB_DELTAS, 99)
+    assert o["p99_mask_prob_diff"] == pytest.approx(expected_p99, abs=1e-6)
+    # Only the mask probability check fails, and it says where.
+    assert [f.split(" ")[0] for f in report.failures] == ["p99_mask_prob_diff"], report.failures
+    assert "worst image b (0.2000)" in report.failures[0] and "limit <= 0.01" in report.failures[0]
+    assert "prob p99" in report.table() and report.to_dict()["images"][1]["max_mask_prob_diff"] > 0.19
+    # Within the limit: passes.
+    assert compare_runs(ref, cand, profile=get_profile("fp32", {"max_mask_prob_diff_p99": 0.2})).passed
+    small = {i: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref + 0.004) for i in (1, 2)}
+    assert compare_runs(ref, small, profile=PROFILES["fp32"]).passed
+
+
+@pytest.mark.parametrize(
+    ("ref_probs", "cand_probs", "reason"),
+    [
+        (True, False, "the candidate carries no mask probabilities"),
+        (False, True, "the reference carries no mask probabilities"),
+        (False, False, "the reference and the candidate carry no mask probabilities"),
+        (True, 14, "different resolutions (reference 28x28, candidate 14x14)"),
+    ],
+)
+def test_mask_probability_check_is_skipped_and_said_when_unavailable(
+    ref_probs: bool, cand_probs: bool | int, reason: str
+) -> None:
+    p_ref, p_cand = probs_pair()
+    ref = make(CELLS, [0.9, 0.8, 0.7, 0.6])
+    cand = make(CELLS, [0.9, 0.8, 0.7, 0.6])
+    ref.mask_probs = p_ref if ref_probs else None
+    cand.mask_probs = p_cand[:, :14, :14] if cand_probs == 14 else (p_cand if cand_probs else None)
+    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    assert p.mask_prob_diffs is None and reason in p.mask_probs_skipped
+    assert p.summary()["p99_mask_prob_diff"] is None and reason in p.summary()["mask_probs_skipped"]
+
+    report = compare_runs({1: ref}, {1: cand}, profile=PROFILES["fp32"])
+    assert report.passed, report.failures  # not a failure ...
+    assert report.overall["p99_mask_prob_diff"] is None and report.overall["mask_prob_pairs"] == 0
+    assert reason in report.overall["mask_probs_skipped"]
+    # ... and not silent: the check's row says n/a, a note says why, in the table and the JSON.
+    row = next(r for r in report.checks() if r[0] == "p99_mask_prob_diff")
+    assert row[1] == "-" and row[3] == "n/a"
+    note = next(n for n in report.notes() if "mask probabilities not compared" in n)
+    assert reason in note and "check p99_mask_prob_diff skipped" in note
+    assert note in report.table() and note in report.to_dict()["notes"]
+
+
+def test_postprocess_keeps_the_kept_rows_mask_probabilities() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.random((3, 1, 28, 28)).astype(np.float32)  # [N, 1, M, M] as some runners return them
+    det = Detections(
+        boxes=np.array([[2, 2, 12, 12], [20, 5, 30, 15], [40, 20, 55, 35]], np.float32),
+        labels=np.array([1, 2, 3], np.int64),
+        scores=np.array([0.3, 0.9, 0.6], np.float32),
+        mask_probs=probs,
+        image_size=(H, W),
+    )
+    inst = postprocess(det, PostprocessConfig(score_thresh=0.5))
+    assert inst.mask_probs is not None and inst.mask_probs.dtype == np.float32
+    np.testing.assert_array_equal(inst.mask_probs, probs[[1, 2], 0])  # best score first, as the other fields
+    picked = inst.select(np.array([False, True])).mask_probs
+    assert picked is not None and picked.tolist() == probs[[2], 0].tolist()  # select() carries them
+    assert make(CELLS, [0.9] * 4).select(np.array([0, 1])).mask_probs is None

@@ -1,9 +1,12 @@
 """End to end: ONNX Runtime (CPU) against PyTorch on the trained tiny model and its synthetic validation set;
-and broken candidates that parity must catch, through the CLI, with a report that says what differed."""
+and broken candidates that parity must catch, through the CLI, with a report that says what differed (another
+checkpoint; mask probabilities scaled by 0.7; mask logits scaled by 2 or 0.5, which only the mask probability
+check sees reliably)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,9 @@ def test_onnx_runtime_matches_pytorch_fp32(parity_model: ParityModel, parity_onn
     assert gt["reference"] is not None and gt["candidate"] is not None
     assert abs(gt["candidate"] - gt["reference"]) <= 0.002
     assert o["ap50_vs_ref"] is not None and o["ap50_vs_ref"] >= 0.99
+    # The mask head's probabilities agree too (rounding noise, ~1e-5), on every matched pair.
+    assert o["mask_prob_pairs"] == o["matched"] and o["mask_probs_skipped"] is None
+    assert o["p99_mask_prob_diff"] is not None and o["p99_mask_prob_diff"] < 1e-3
     assert report.candidate["providers"] == ["CPUExecutionProvider"] and report.reference["runner"] == "torch"
     assert "PASSED" in report.table()
 
@@ -73,6 +79,7 @@ def test_scaled_mask_probabilities_fail_on_masks_only(
     failed = {f.split(" ")[0] for f in report["failures"]}
     # The masks shrank: the mask checks fail ...
     assert "strong_match_frac" in failed, report["failures"]
+    assert "p99_mask_prob_diff" in failed and 0.1 < report["overall"]["max_mask_prob_diff"] <= 0.3 + 1e-6
     if (
         parity_model.trained
     ):  # (random weights' masks sit at p ~ 0.5: scaled, they vanish and nothing matches)
@@ -82,11 +89,31 @@ def test_scaled_mask_probabilities_fail_on_masks_only(
     assert report["overall"]["max_box_diff"] is None or report["overall"]["max_box_diff"] < 0.05
 
 
+@pytest.mark.parametrize("factor", [2.0, 0.5])
+def test_scaled_mask_logits_fail_on_mask_probabilities(
+    parity_model: ParityModel,
+    scaled_logits_onnx: Callable[[float], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    factor: float,
+) -> None:
+    """Mask logits scaled by 2 (or 0.5) before the Sigmoid: the binary masks, thresholded at 0.5, barely
+    change (x2 passed the fp32 profile before the mask probability check), the probabilities do."""
+    code, report = _cli_parity(parity_model, scaled_logits_onnx(factor), tmp_path / "report.json")
+    assert code == 1 and report["passed"] is False
+    failed = {f.split(" ")[0] for f in report["failures"]}
+    assert "p99_mask_prob_diff" in failed, report["failures"]
+    # max |sigmoid(2x) - sigmoid(x)| = 0.150, reached on every confident mask's edge
+    assert report["overall"]["p99_mask_prob_diff"] == pytest.approx(0.150, abs=0.01)
+    assert not failed & {"max_box_diff", "p99_box_diff", "max_score_diff"}, report["failures"]
+    assert "p99_mask_prob_diff" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_tolerance_overrides_from_the_cli(
     parity_model: ParityModel, scaled_mask_onnx: Path, tmp_path: Path
 ) -> None:
     limits = ["min_mask_iou_mean=0", "min_mask_iou_p1=0", "min_strong_match_frac=0", "min_ap50_vs_ref=0",
-              "max_ap50_gt_diff=1", "max_missed_frac=1", "max_extra_frac=1"]  # fmt: skip
+              "max_ap50_gt_diff=1", "max_missed_frac=1", "max_extra_frac=1", "max_mask_prob_diff_p99=1"]  # fmt: skip
     loose = [arg for limit in limits for arg in ("--tol", limit)]
     code, report = _cli_parity(parity_model, scaled_mask_onnx, tmp_path / "r.json", *loose)
     assert code == 0 and report["passed"] and report["profile"]["name"] == "fp32+custom"
