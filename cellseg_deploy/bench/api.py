@@ -91,20 +91,27 @@ class BenchRequest:
         return d
 
 
-def models_by_label(labels: tuple[str, ...], by_runner: dict[str, EngineModel]) -> dict[str, EngineModel]:
-    """Give every engine label (``runner[:precision]``) its runner's model file."""
-    return {label: by_runner[split_label(label)[0]] for label in labels}
+def models_by_label(
+    labels: tuple[str, ...], precision: str, resolve: Callable[[list[str]], dict[str, EngineModel]]
+) -> dict[str, EngineModel]:
+    """Give every engine label (``runner[:precision]``) its model file: ``resolve`` is called once with the
+    labels made explicit (``runner:precision``, ``precision`` where the label names none), so engines of one
+    runner share a file unless an exporter is made for their precision (int8)."""
+    explicit = {label: label if split_label(label)[1] else f"{label}:{precision}" for label in labels}
+    by_explicit = resolve(list(dict.fromkeys(explicit.values())))
+    return {label: by_explicit[explicit[label]] for label in labels}
 
 
 def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[str, EngineModel]]:
     """``cells -> {engine label: EngineModel}`` (the same models for every point unless untrained)."""
     labels = request.settings.engines
-    runners = list(dict.fromkeys(split_label(label)[0] for label in labels))
+    precision = request.settings.precision
     if request.untrained is None:
         models = models_by_label(
             labels,
-            resolve_engine_models(
-                runners,
+            precision,
+            lambda engines: resolve_engine_models(
+                engines,
                 checkpoint=request.checkpoint,
                 model_for=request.model_for,
                 cache_dir=request.cache_dir,
@@ -127,7 +134,10 @@ def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[st
             )
             cache[cells] = models_by_label(
                 labels,
-                resolve_engine_models(runners, checkpoint=ckpt, cache_dir=request.cache_dir, on_export=log),
+                precision,
+                lambda engines: resolve_engine_models(
+                    engines, checkpoint=ckpt, cache_dir=request.cache_dir, on_export=log
+                ),
             )
         return cache[cells]
 

@@ -1,13 +1,15 @@
 """Which model file each benchmarked engine reads, and where benchmark models come from.
 
 Each runner declares the files it reads (:attr:`Runner.model_suffixes`). :func:`resolve_engine_models` maps
-every engine to exactly one file:
+every engine (``runner`` or ``runner:precision``) to exactly one file:
 
 1. an explicit file (``--model-for ENGINE=PATH``), checked by the runner (one-line error when it does not fit);
 2. else the checkpoint (``--model CKPT``) when the runner reads checkpoints (``.pt``);
 3. else a file exported from the checkpoint into a cache folder, when an exporter for that kind of file is
-   known (:data:`EXPORTERS`: the single ONNX graph, and the stage folder that ``staged-onnx`` reads and from
-   which ``trt`` builds its engines with its ``rebuild`` option), reused while the checkpoint is unchanged;
+   known (:data:`EXPORTERS`: the single ONNX graph, the stage folder that ``staged-onnx`` reads and from
+   which ``trt`` builds its engines with its ``rebuild`` option, and the int8 OpenVINO IR that ``openvino``
+   runs at ``int8``, calibrated on synthetic images), reused while the checkpoint is unchanged; an exporter
+   made for the engine's precision wins over a general one;
 4. else a one-line :class:`~cellseg_deploy.errors.ModelFileError` saying which flag to pass.
 
 :func:`build_untrained_checkpoint` makes random-weight models whose detection count is fixed: a
@@ -46,6 +48,7 @@ class Exporter:
         module / function: ``function(checkpoint: Path, out: Path)`` in ``module`` (imported lazily).
         filename: the file or folder name written inside the cache folder.
         complete: for a folder, a file inside it whose presence marks a finished export.
+        precision: the engine precision it is made for (``None``: any).
     """
 
     suffix: str
@@ -53,11 +56,19 @@ class Exporter:
     function: str
     filename: str
     complete: str | None = None
+    precision: str | None = None
 
 
 EXPORTERS: tuple[Exporter, ...] = (
     Exporter(".onnx", "cellseg_deploy.export.onnx_export", "export_onnx", "model.onnx"),
     Exporter("/", "cellseg_deploy.export.staged", "export_staged", "stages", complete="manifest.json"),
+    Exporter(
+        ".xml",
+        "cellseg_deploy.export.openvino_int8",
+        "export_openvino_int8",
+        "model.int8.xml",
+        precision="int8",
+    ),
 )
 """Exporters the benchmark may call on its own, by the model file kind a runner reads."""
 
@@ -132,9 +143,9 @@ def resolve_engine_models(
     """Map every engine to the model file it reads (see the module docstring for the order of choice).
 
     Args:
-        engines: runner names (already checked by :func:`~cellseg_deploy.runners.parse_engines`).
+        engines: runner names or ``runner:precision`` labels (already checked).
         checkpoint: a cellseg-deploy checkpoint (``.pt``), optional when every engine has a file.
-        model_for: explicit files per engine.
+        model_for: explicit files per engine (by label, or by runner name for all its precisions).
         cache_dir: where exported files go (``<cache_dir>/<checkpoint sha256[:16]>/<filename>``); required
             only when something must be exported.
         on_export: called with a one-line message each time a file is exported or reused from the cache.
@@ -144,7 +155,7 @@ def resolve_engine_models(
         UserError: ``model_for`` names an engine that is not benchmarked.
     """
     model_for = dict(model_for or {})
-    extra = sorted(set(model_for) - set(engines))
+    extra = sorted(set(model_for) - set(engines) - {e.partition(":")[0] for e in engines})
     if extra:
         raise UserError(
             f"--model-for names engine(s) {extra} that are not benchmarked (--engine {','.join(engines)})"
@@ -154,10 +165,12 @@ def resolve_engine_models(
     ckpt_sha: str | None = None
     out: dict[str, EngineModel] = {}
     for engine in engines:
-        cls = get_runner_class(engine)
+        runner, _, precision = engine.partition(":")
+        cls = get_runner_class(runner)
         suffixes = tuple(s.lower() for s in cls.model_suffixes)
-        if engine in model_for:
-            path = model_for[engine]
+        if engine in model_for or runner in model_for:
+            path = model_for.get(engine, model_for.get(runner))
+            assert path is not None
             cls.check_model_path(path)
             out[engine] = EngineModel(engine, path, "given", _file_sha(path), "given with --model-for")
             continue
@@ -166,7 +179,7 @@ def resolve_engine_models(
             ckpt_sha = ckpt_sha or sha256_file(checkpoint)
             out[engine] = EngineModel(engine, checkpoint, "checkpoint", ckpt_sha, "the checkpoint itself")
             continue
-        exporter = next((e for e in exporters if e.suffix in suffixes), None)
+        exporter = _pick_exporter(exporters, suffixes, precision or None)
         if checkpoint is None or exporter is None:
             how = f"--model-for {engine}=PATH ({_describe(cls.model_suffixes)})" + (
                 ", or --model CKPT to export one" if exporter is not None else ""
@@ -183,6 +196,16 @@ def resolve_engine_models(
         cls.check_model_path(path)
         out[engine] = EngineModel(engine, path, "exported", _file_sha(path), note)
     return out
+
+
+def _pick_exporter(
+    exporters: tuple[Exporter, ...], suffixes: tuple[str, ...], precision: str | None
+) -> Exporter | None:
+    """The exporter made for ``precision`` among those writing one of ``suffixes``, else a general one."""
+    fitting = [e for e in exporters if e.suffix in suffixes]
+    return next((e for e in fitting if e.precision == precision and precision is not None), None) or next(
+        (e for e in fitting if e.precision is None), None
+    )
 
 
 def export_cached(

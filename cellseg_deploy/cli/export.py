@@ -1,8 +1,9 @@
 """``cellseg-deploy export``: a checkpoint to an ONNX graph, stage graphs, or TensorRT engines.
 
 One library function per format: :func:`cellseg_deploy.export.onnx_export.export_onnx` (``onnx``),
-:func:`cellseg_deploy.export.staged.export_staged` (``staged``) and
-:func:`cellseg_deploy.export.tensorrt.build_engines` (``trt``, after ``export_staged`` when given a checkpoint).
+:func:`cellseg_deploy.export.staged.export_staged` (``staged``),
+:func:`cellseg_deploy.export.tensorrt.build_engines` (``trt``, after ``export_staged`` when given a checkpoint)
+and :func:`cellseg_deploy.export.openvino_int8.export_openvino_int8` (``openvino-int8``).
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
     default="onnx",
     show_default=True,
     help="onnx: one graph (uint8 image in, 28x28 mask probabilities out); staged: backbone+RPN, box head "
-    "and mask head graphs (fp32, and fp16 with --fp16); trt: TensorRT engines of the stages (GPU only).",
+    "and mask head graphs (fp32, and fp16 with --fp16); trt: TensorRT engines of the stages (GPU only); "
+    "openvino-int8: the onnx graph quantised to int8 for the CPU (an OpenVINO IR, calibrated on --calib-data).",
 )
 @click.option(
     "--out",
     "out",
     required=True,
     type=click.Path(path_type=Path),
-    help="onnx: the .onnx file; staged: the stage folder; trt: the engine folder.",
+    help="onnx: the .onnx file; staged: the stage folder; trt: the engine folder; openvino-int8: the .xml file.",
 )
 @click.option(
     "--opset", type=click.IntRange(16, 20), default=17, show_default=True, help="ONNX opset (16 to 20)."
@@ -103,6 +105,20 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
     default=None,
     help="trt: timing cache file to reuse and update.",
 )
+@click.option(
+    "--calib-data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="openvino-int8: calibrate on this dataset root's training split (or a folder of images). Default: "
+    "synthetic cell images.",
+)
+@click.option(
+    "--calib-images",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="openvino-int8: number of calibration images.",
+)
 @json_option
 def export_cmd(
     checkpoint: Path,
@@ -119,6 +135,8 @@ def export_cmd(
     stage_dir: Path | None,
     workspace_gib: float,
     timing_cache: Path | None,
+    calib_data: Path | None,
+    calib_images: int,
     json_path: Path | None,
 ) -> None:
     """Export CHECKPOINT (a cellseg-deploy .pt; for --format trt also a stage folder) for deployment.
@@ -133,19 +151,23 @@ def export_cmd(
         cellseg-deploy export runs/r50/best.pt --format onnx --out models/r50.onnx --simplify --json export.json
         cellseg-deploy export runs/r50/best.pt --format staged --out models/r50-stages --fp16
         cellseg-deploy export runs/r50/best.pt --format trt --out models/r50-trt --fp16   # on a GPU machine
+        cellseg-deploy export runs/r50/best.pt --format openvino-int8 --calib-data data/hw3 --out models/r50.int8.xml
     """
     result: Any
-    if fmt == "onnx":
-        for flag, given in (
-            ("--fp16", fp16 is not None),
-            ("--max-batch", max_batch is not None),
-            ("--opt-size", opt_size is not None),
-            ("--profile-json", profile_json is not None),
-            ("--stage-dir", stage_dir is not None),
-            ("--timing-cache", timing_cache is not None),
-        ):
-            if given:
-                raise UserError(f"{flag} applies to --format staged/trt, not onnx")
+    if fmt != "openvino-int8" and (calib_data is not None or calib_images != 16):
+        raise UserError("--calib-data/--calib-images apply to --format openvino-int8 only")
+    if fmt == "openvino-int8":
+        _reject_onnx_only(simplify, static, trace_image)
+        _reject_stage_options(fmt, fp16, max_batch, opt_size, profile_json, stage_dir, timing_cache)
+        from cellseg_deploy.export.openvino_int8 import export_openvino_int8
+
+        result = export_openvino_int8(checkpoint, out, calib_data=calib_data, calib_images=calib_images)
+        click.echo(
+            f"wrote {result.path} (+ {result.bin_path.name}) in {result.seconds:.1f} s: "
+            f"{len(result.quantised_layers)} layers int8, calibrated on {result.calibration['source']}"
+        )
+    elif fmt == "onnx":
+        _reject_stage_options(fmt, fp16, max_batch, opt_size, profile_json, stage_dir, timing_cache)
         from cellseg_deploy.export.onnx_export import export_onnx
 
         image = None
@@ -200,6 +222,18 @@ def export_cmd(
             f"(manifest {result.manifest})"
         )
     write_json_result(json_path, result.to_dict())
+
+
+def _reject_stage_options(fmt: str, fp16: bool | None, *others: object) -> None:
+    """``--fp16``, ``--max-batch``, ``--opt-size``, ``--profile-json``, ``--stage-dir``, ``--timing-cache``
+    (in that order in ``others`` after ``fp16``) belong to the staged/trt formats."""
+    flags = ("--max-batch", "--opt-size", "--profile-json", "--stage-dir", "--timing-cache")
+    for flag, given in (
+        ("--fp16", fp16 is not None),
+        *((f, v is not None) for f, v in zip(flags, others, strict=True)),
+    ):
+        if given:
+            raise UserError(f"{flag} applies to --format staged/trt, not {fmt}")
 
 
 def _reject_onnx_only(simplify: bool, static: bool, trace_image: Path | None) -> None:

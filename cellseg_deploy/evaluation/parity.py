@@ -154,43 +154,51 @@ PROFILES: dict[str, ToleranceProfile] = {
         min_ap50_vs_ref=0.95,
         max_ap50_gt_diff=0.01,
     ),
-    # bfloat16 keeps fp32's range but only an 8-bit mantissa: looser than fp16. On cells 5-20 px across a
-    # one-pixel edge shift costs 0.05-0.15 mask IoU, so a "strong" match is IoU >= 0.85 here (measured with
-    # OpenVINO bf16: mean IoU 0.92-0.94, 94-98 % of pairs >= 0.85, AP50 within 0.003 of fp32).
+    # bfloat16 (8-bit mantissa) moves individual small cells a lot but not the result. Measured with OpenVINO
+    # bf16 against PyTorch fp32 on the demo's tiny model (48 training images, 10 val images, 346 cells of
+    # 5-20 px): missed 0.003, extra 0.006, 73 % of pairs at mask IoU >= 0.85, mean IoU 0.887, p1 0.62,
+    # box p99 4.2 px (max 8.8), one near-tie score moved by 0.69, segm AP50 0.7902 vs 0.7924 (-0.002),
+    # AP50 against the reference 0.986; on the weakly trained test fixture (2 val images): missed 0.044,
+    # mean IoU 0.917, box p99 6.1 px, AP50 -0.007. So the per-pair extremes are reported but loosely
+    # bounded, and the AP limits (the issue's "AP50 within 0.01 of PyTorch's") carry the verdict.
     "bf16": ToleranceProfile(
         name="bf16",
         max_missed_frac=0.05,
         max_extra_frac=0.05,
         strong_iou=0.85,
-        min_strong_match_frac=0.90,
-        min_mask_iou_mean=0.90,
-        min_mask_iou_p1=0.60,
-        max_box_diff=6.0,
-        max_box_diff_p99=2.0,
-        max_score_diff=0.15,
+        min_strong_match_frac=0.65,
+        min_mask_iou_mean=0.85,
+        min_mask_iou_p1=0.50,
+        max_box_diff=16.0,
+        max_box_diff_p99=8.0,
+        max_score_diff=1.0,  # off: single NMS near-ties flip by up to 0.7 (measured); AP limits judge them
         # Effectively off (a probability difference never exceeds 1): OpenVINO bf16 on the trained tiny model
         # measured p99 0.85 (2 val images) / 0.83 (all 12), median 0.11 / 0.16, i.e. ordinary bf16 noise is as
         # large as mask logits scaled by 2 (0.150), so no limit on this statistic separates the two.
         max_mask_prob_diff_p99=1.0,
         min_ap50_vs_ref=0.93,
-        max_ap50_gt_diff=0.015,
+        max_ap50_gt_diff=0.01,
     ),
-    # Quantised weights and activations.
+    # int8 convolutions and matrix products (OpenVINO IR from `export --format openvino-int8`), the rest bf16.
+    # Measured on the demo's model as above: missed 0.003, extra 0.006, mean IoU 0.887, p1 0.67, box p99
+    # 4.2 px (max 8.9), score max 0.77, AP50 0.7891 vs 0.7924 (-0.003), AP50 against the reference 0.982:
+    # the same as bf16 alone. On the weak test fixture AP50 moved by -0.011 (bf16 alone: -0.007).
     "int8": ToleranceProfile(
         name="int8",
         max_missed_frac=0.08,
         max_extra_frac=0.08,
-        min_strong_match_frac=0.80,
-        min_mask_iou_mean=0.90,
-        min_mask_iou_p1=0.60,
-        max_box_diff=8.0,
-        max_box_diff_p99=3.0,
-        max_score_diff=0.10,
+        strong_iou=0.85,
+        min_strong_match_frac=0.60,
+        min_mask_iou_mean=0.85,
+        min_mask_iou_p1=0.50,
+        max_box_diff=16.0,
+        max_box_diff_p99=8.0,
+        max_score_diff=1.0,  # off, as for bf16
         # Off, as for bf16: an OpenVINO int8 IR of the trained tiny model (the rest of its graph bf16)
         # measured p99 0.81 on the 2 val images.
         max_mask_prob_diff_p99=1.0,
         min_ap50_vs_ref=0.90,
-        max_ap50_gt_diff=0.02,
+        max_ap50_gt_diff=0.015,
     ),
 }
 """Tolerance profiles by the candidate's precision (strictest first)."""

@@ -13,10 +13,10 @@ OpenVINO runs bf16 unless told otherwise):
   units. OpenVINO keeps box decoding, softmax, NMS and the RoIAlign box coordinates in fp32; features,
   head activations and the FPN level choice of each RoI are bf16 (the ``bf16`` tolerance profile).
 
-int8 is not offered: static int8 quantisation of the convolutions and fully connected layers (QDQ,
-calibrated, run by OpenVINO on AMX-INT8) measured only about 1.1x faster than bf16 on this model, because
-the rest of the graph (RoIAlign, NMS, reorders) does not shrink, so it does not pay for its accuracy risk
-(docs/cpu-fast-path.md).
+- ``int8``: an int8 OpenVINO IR made by ``cellseg-deploy export --format openvino-int8`` (calibrated
+  post-training quantisation, :mod:`cellseg_deploy.export.openvino_int8`): the convolutions and fully
+  connected layers run on AMX-INT8/VNNI, the rest in bf16 (fp32 on CPUs without bf16); the ``int8``
+  tolerance profile. Only such an IR runs at ``int8``, and such an IR runs only at ``int8``.
 
 The precision actually compiled is read back from the compiled model and reported by :meth:`info`
 (``execution_precision``); asking for a precision the CPU cannot run is an error, never a silent fallback.
@@ -49,8 +49,13 @@ log = logging.getLogger(__name__)
 OUTPUT_NAMES: tuple[str, ...] = ("boxes", "labels", "scores", "mask_probs")
 INSTALL_HINT = "pip install 'cellseg-deploy[openvino]' (or: pip install openvino)"
 
-PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16"}
-"""``--precision`` -> OpenVINO's ``INFERENCE_PRECISION_HINT``."""
+PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
+"""``--precision`` -> OpenVINO's ``INFERENCE_PRECISION_HINT`` (at ``int8``: of the layers left unquantised;
+``f32`` on CPUs without bf16)."""
+INT8_HINT = (
+    "make one with 'cellseg-deploy export CHECKPOINT --format openvino-int8 --calib-data DATA "
+    "--out models/NAME.int8.xml'"
+)
 
 
 def openvino_version() -> str | None:
@@ -101,8 +106,8 @@ class OpenVINORunner(Runner):
     """OpenVINO (CPU) on the exported ``.onnx`` graph or an OpenVINO IR ``.xml`` (see the module docstring)."""
 
     name = "openvino"
-    description = "OpenVINO on the CPU: fp32, or bf16 on AMX/AVX512-BF16 (optional extra [openvino])"
-    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16")
+    description = "OpenVINO on the CPU: fp32, bf16 on AMX/AVX512-BF16, or a calibrated int8 IR (optional extra [openvino])"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "int8")
     model_suffixes: ClassVar[tuple[str, ...]] = (".onnx", ".xml")
 
     core: Any = None
@@ -145,7 +150,7 @@ class OpenVINORunner(Runner):
         self.metadata = _read_metadata(model)
         self._check_signature(model)
         self.repaired_branches = repair_empty_branches(model)
-        hint = PRECISION_HINTS[self.precision]
+        hint = self._check_quantisation(model, capabilities)
         if hint == "bf16" and "BF16" not in capabilities:
             raise BackendUnavailable(
                 f"--precision bf16 needs a CPU with bf16 support (AMX or AVX512-BF16); OpenVINO reports "
@@ -175,11 +180,35 @@ class OpenVINORunner(Runner):
                 f"asked OpenVINO for {hint} inference, but the compiled model runs {self.execution_precision}; "
                 f"this CPU ({capabilities}) cannot run --precision {self.precision}"
             )
+        if self.precision == "int8":  # quantised layers int8, the rest at the hint
+            self.execution_precision = f"int8+{self.execution_precision}"
         self.request = self.compiled.create_infer_request()
         self.outputs = {name: self.compiled.output(name) for name in OUTPUT_NAMES}
         self.device_name = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
         self.capabilities = capabilities
         self.mask_size = int(self.metadata.get("mask_size", 28) or 28)
+
+    def _check_quantisation(self, model: Any, capabilities: list[str]) -> str:
+        """Match the model to ``--precision`` (int8 IR <-> ``int8``); return the precision hint to compile with."""
+        from cellseg_deploy.export.openvino_int8 import read_quantisation
+
+        self.quantisation = read_quantisation(model)
+        if self.precision != "int8":
+            if self.quantisation is not None:
+                raise ModelFileError(
+                    f"{self.model_path} is an int8 model (quantised by cellseg-deploy): run it with --precision int8, "
+                    "or give the fp32 .onnx it was made from"
+                )
+            return PRECISION_HINTS[self.precision]
+        if self.quantisation is None:
+            raise ModelFileError(
+                f"--precision int8 needs an int8 OpenVINO IR, and {self.model_path} is not one: {INT8_HINT}"
+            )
+        if "INT8" not in capabilities:
+            raise BackendUnavailable(
+                f"--precision int8: OpenVINO reports no int8 support on this CPU ({capabilities}); use --precision fp32"
+            )
+        return "bf16" if "BF16" in capabilities else "f32"
 
     def _check_signature(self, model: Any) -> None:
         """One uint8 ``[H, W, 3]`` input and the four raw outputs, as the single-graph export writes them."""
@@ -251,6 +280,8 @@ class OpenVINORunner(Runner):
             "compile_s": round(getattr(self, "compile_s", 0.0), 3),
             "repaired_empty_branches": getattr(self, "repaired_branches", None),
         }
+        if getattr(self, "quantisation", None) is not None:
+            info["quantisation"] = self.quantisation
         compiled = getattr(self, "compiled", None)
         if compiled is not None:
             info["inference_num_threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))

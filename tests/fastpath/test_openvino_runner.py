@@ -33,7 +33,7 @@ def _has_bf16() -> bool:
 def test_registered_and_lazy() -> None:
     assert "openvino" in list_runners()
     cls = get_runner_class("openvino")
-    assert cls.precisions == ("fp32", "bf16")
+    assert cls.precisions == ("fp32", "bf16", "int8")
     assert cls.unavailable_reason() is None
 
 

@@ -1,0 +1,137 @@
+"""int8 for the CPU: ``cellseg-deploy export --format openvino-int8`` and the ``openvino`` runner at ``int8``.
+
+A trained tiny model is quantised with calibration on its dataset's training split and must pass parity with
+the ``int8`` profile against PyTorch (segm AP50 against the ground truth included); precision and model file
+must match (an int8 IR runs only at ``int8``, and ``int8`` runs only an int8 IR); the benchmark makes the
+int8 IR itself for ``openvino:int8``. Skipped with the reason when OpenVINO is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg_deploy.cli.main import main
+from cellseg_deploy.errors import ModelFileError, UserError
+
+ov = pytest.importorskip(
+    "openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'"
+)
+
+
+def _int8_capable() -> bool:
+    from cellseg_deploy.runners.openvino_runner import cpu_capabilities
+
+    return "INT8" in cpu_capabilities()["capabilities"]
+
+
+@pytest.fixture(scope="module")
+def trained_int8(trained_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    checkpoint, data = trained_tiny
+    out = tmp_path_factory.mktemp("int8") / "tiny.int8.xml"
+    code = main(
+        ["export", str(checkpoint), "--format", "openvino-int8", "--calib-data", str(data), "--out", str(out)]
+    )
+    assert code == 0
+    return out
+
+
+def test_export_writes_a_quantised_ir_atomically(trained_int8: Path) -> None:
+    from cellseg_deploy.export.openvino_int8 import read_quantisation
+
+    assert trained_int8.is_file() and trained_int8.with_suffix(".bin").is_file()
+    leftovers = [p.name for p in trained_int8.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers  # no temporary folder or file left behind
+    model = ov.Core().read_model(str(trained_int8))
+    record = read_quantisation(model)
+    assert record is not None
+    n_fq = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+    assert record["layers"] >= 10 and n_fq == 2 * record["layers"], (record["layers"], n_fq)
+    assert record["calibration"]["images"] >= 1
+    assert "training split" in record["calibration"]["source"]
+    assert len(record["onnx_sha256"]) == 64
+
+
+@pytest.mark.skipif("not _int8_capable()", reason="OpenVINO reports no int8 support on this CPU")
+def test_int8_passes_parity_and_the_ap50_gate(trained_tiny, trained_int8: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    checkpoint, data = trained_tiny
+    report_path = tmp_path / "parity.json"
+    code = main(
+        [
+            "parity",
+            str(checkpoint),
+            "--candidate",
+            str(trained_int8),
+            "--engine",
+            "openvino",
+            "--precision",
+            "int8",
+            "--profile",
+            "int8",
+            "--data",
+            str(data),
+            "--no-progress",
+            "--json",
+            str(report_path),
+        ]
+    )
+    report = json.loads(report_path.read_text())
+    assert code == 0, report["failures"]
+    assert report["candidate"]["execution_precision"].startswith("int8+")
+    assert report["ap50_gt"]["reference"] > 0.2
+    assert abs(report["ap50_gt"]["diff"]) <= 0.015  # the int8 profile's limit
+
+
+@pytest.mark.skipif("not _int8_capable()", reason="OpenVINO reports no int8 support on this CPU")
+def test_precision_and_model_must_match(trained_tiny, trained_int8: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from cellseg_deploy.runners import create_runner
+
+    checkpoint, _ = trained_tiny
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", str(checkpoint), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    with pytest.raises(ModelFileError, match=r"needs an int8 OpenVINO IR.*--format openvino-int8"):
+        create_runner("openvino", onnx_path, precision="int8").load()
+    with pytest.raises(ModelFileError, match=r"is an int8 model.*--precision int8"):
+        create_runner("openvino", trained_int8, precision="bf16").load()
+
+
+def test_calibration_images_come_from_the_training_split(trained_tiny) -> None:  # type: ignore[no-untyped-def]
+    from cellseg_deploy.data.layout import list_train_ids, split_train_val
+    from cellseg_deploy.export.openvino_int8 import calibration_images
+
+    _, data = trained_tiny
+    train_ids, val_ids = split_train_val(list_train_ids(data))
+    images, source = calibration_images(data, count=100)
+    assert val_ids and len(images) == len(train_ids) and "training split" in source  # never the val images
+    assert all(im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3 for im in images)
+    synthetic, what = calibration_images(None, count=3)
+    assert len(synthetic) == 3 and "synthetic" in what and synthetic[0].shape == (512, 512, 3)
+    with pytest.raises(UserError, match="at least 1"):
+        calibration_images(None, count=0)
+
+
+def test_export_rejects_bad_options(random_tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    ckpt = str(random_tiny_checkpoint)
+    assert main(["export", ckpt, "--format", "openvino-int8", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "must end in .xml" in capsys.readouterr().err
+    assert (
+        main(["export", ckpt, "--format", "onnx", "--calib-images", "4", "--out", str(tmp_path / "m.onnx")])
+        == 2
+    )
+    assert "apply to --format openvino-int8 only" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_exports_an_int8_ir_for_openvino_int8(random_tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from cellseg_deploy.bench.models import resolve_engine_models
+
+    models = resolve_engine_models(
+        ["openvino:int8", "openvino:bf16"], checkpoint=random_tiny_checkpoint, cache_dir=tmp_path
+    )
+    assert models["openvino:int8"].path.name == "model.int8.xml"
+    assert models["openvino:bf16"].path.suffix == ".onnx"
+    again = resolve_engine_models(["openvino:int8"], checkpoint=random_tiny_checkpoint, cache_dir=tmp_path)
+    assert "reused" in again["openvino:int8"].note
