@@ -103,8 +103,8 @@ QUICK = Plan(
 )
 
 
-EXTRA_PRECISION = {"cpu": "bf16", "cuda": "fp16"}
-"""Besides fp32, each runner that supports it also runs at this precision (``runner:precision``)."""
+EXTRA_PRECISIONS = {"cpu": ("bf16", "int8"), "cuda": ("fp16",)}
+"""Besides fp32, each runner that supports them also runs at these precisions (``runner:precision``)."""
 
 
 RUNNER_OPTIONS: dict[str, dict[str, Any]] = {"trt": {"rebuild": True}}
@@ -113,12 +113,13 @@ RUNNER_OPTIONS: dict[str, dict[str, Any]] = {"trt": {"rebuild": True}}
 
 def candidate_engines(explicit: str | None, device: str) -> tuple[list[str], dict[str, str]]:
     """Engine labels the suite can run: installed, available here, with a model it can make itself; each at
-    fp32 and, where the runner supports it, at the device's reduced precision (bf16 on CPU, fp16 on CUDA)."""
+    fp32 and, where the runner supports them, at the device's reduced precisions (bf16 and int8 on CPU, fp16 on
+    CUDA)."""
     if explicit:
         return list(parse_engine_specs(explicit)), {}
     labels: list[str] = []
     skipped: dict[str, str] = {}
-    extra = EXTRA_PRECISION["cuda" if device.startswith("cuda") else "cpu"]
+    extras = EXTRA_PRECISIONS["cuda" if device.startswith("cuda") else "cpu"]
     for name in list_runners():
         try:
             cls = get_runner_class(name)
@@ -137,8 +138,7 @@ def candidate_engines(explicit: str | None, device: str) -> tuple[list[str], dic
             )
             continue
         labels.append(name)
-        if extra in cls.precisions:
-            labels.append(f"{name}:{extra}")
+        labels += [f"{name}:{extra}" for extra in extras if extra in cls.precisions]
     return labels, skipped
 
 
@@ -153,7 +153,7 @@ def preflight(
     for label in engines:
         name, precision = split_label(label)
         try:
-            model = resolve_engine_models([name], checkpoint=ckpt, cache_dir=cache)[name]
+            model = resolve_engine_models([label], checkpoint=ckpt, cache_dir=cache)[label]
             with create_runner(
                 name,
                 model.path,
@@ -268,7 +268,7 @@ def run_outside(
     checks = []
     for engine in engines:
         name = split_label(engine)[0]
-        model = resolve_engine_models([name], checkpoint=ckpt, cache_dir=cache)[name]
+        model = resolve_engine_models([engine], checkpoint=ckpt, cache_dir=cache)[engine]
         log(f"== outside check {engine}")
         check = check_outside(
             engine,

@@ -62,12 +62,14 @@ def encode_crop(crop: np.ndarray, x0: int, y0: int, image_size: tuple[int, int])
     if h == 0 or w == 0 or not crop.any():
         counts = [total]
     else:
-        # Each window column padded with a zero above and below: the nonzero steps are the run boundaries,
-        # in column-major order (column, then row), as full-image indices x * H + y.
-        padded = np.zeros((w, h + 2), np.int8)
+        # Each window column padded with a zero above and below, flattened column-major: every change between
+        # neighbours is a run boundary (the zero pads keep runs from joining across columns); position p in
+        # the padded column is window row p - 1, i.e. full-image index (x0 + col) * H + (y0 + p - 1).
+        padded = np.zeros((w, h + 2), np.bool_)
         padded[:, 1:-1] = crop.T
-        col, row = np.nonzero(np.diff(padded, axis=1))
-        bounds = (col + x0).astype(np.int64) * height + (row + y0)  # start, end, start, end, ...
+        flat = padded.ravel()
+        col, pos = np.divmod(np.flatnonzero(flat[1:] != flat[:-1]) + 1, h + 2)
+        bounds = (col + x0) * height + (pos - 1 + y0)  # start, end, start, end, ...
         if h == height:  # a run ending at the bottom of a column and one starting atop the next are one run
             touching = np.flatnonzero(bounds[1:-1:2] == bounds[2::2])
             if touching.size:
