@@ -95,9 +95,12 @@ def models_by_label(
     labels: tuple[str, ...], precision: str, resolve: Callable[[list[str]], dict[str, EngineModel]]
 ) -> dict[str, EngineModel]:
     """Give every engine label (``runner[:precision]``) its model file: ``resolve`` is called once with the
-    labels made explicit (``runner:precision``, ``precision`` where the label names none), so engines of one
-    runner share a file unless an exporter is made for their precision (int8)."""
-    explicit = {label: label if split_label(label)[1] else f"{label}:{precision}" for label in labels}
+    labels, a label without a precision getting ``precision`` when that is not fp32, so engines of one runner
+    share a file unless an exporter is made for their precision (int8)."""
+    explicit = {
+        label: label if split_label(label)[1] or precision == "fp32" else f"{label}:{precision}"
+        for label in labels
+    }
     by_explicit = resolve(list(dict.fromkeys(explicit.values())))
     return {label: by_explicit[explicit[label]] for label in labels}
 
