@@ -11,12 +11,16 @@ AVX512-VNNI); everything else runs as before (bf16 where the CPU has it, else fp
   transposed convolution has no int8 kernel in OpenVINO's CPU plugin and stays in bf16. Box decoding,
   NMS, RoIAlign's coordinates and the outputs stay fp32 as in the bf16 path.
 - **Weights:** symmetric, per output channel, 255 levels (``[-max|w|, max|w|]`` of each channel).
+- **Shared activations:** one ``FakeQuantize`` per tensor, shared by all its quantised consumers; the backbone's
+  residual additions get their inputs quantised too, so the tensor between two bottleneck blocks is int8 for
+  both the next convolution and the shortcut and OpenVINO does not convert it back and forth.
 - **Activations:** per tensor, 256 levels over ``[min(0, lo), hi]``, where ``lo``/``hi`` come from
   calibration: the graph runs in fp32 on the calibration images and each quantised layer's input range is
   the mean over the images of each image's minimum and maximum ("averaged min/max": one outlier image
-  does not stretch the range for all). Measured against the plain min/max over all images, segm AP50
-  moved by -0.003 instead of -0.002 on the demo's model (48 training images) and by -0.011 instead of
-  -0.019 on the weakly trained test fixture; the 99.99th percentile gave -0.009 and -0.006.
+  does not stretch the range for all). Measured before the residual additions were quantised, against the
+  plain min/max over all images: segm AP50 moved by -0.003 instead of -0.002 on the demo's model (48
+  training images) and by -0.011 instead of -0.019 on the weakly trained test fixture; the 99.99th
+  percentile gave -0.009 and -0.006.
 - **Calibration images:** the training split of a dataset root (``calib_data``; never its validation split,
   which the accuracy checks use), a folder of images, or, when none is given, synthetic cell images from
   :mod:`cellseg_deploy.data.synth` (said once in the log: fine for speed, but calibrate on your own training
@@ -25,8 +29,8 @@ AVX512-VNNI); everything else runs as before (bf16 where the CPU has it, else fp
 The IR (``.xml`` with its ``.bin``) keeps the ONNX file's provenance and adds ``rt_info[cellseg_int8]``
 (JSON: scheme, layers, calibration source and count, the ONNX file's SHA-256); the ``openvino`` runner reads
 it at ``--precision int8`` only. Measured (2-core Sapphire Rapids, see docs/cpu-fast-path.md): R50-FPN
-512 px with 150 detections 1.37x faster than bf16; trained tiny model segm AP50 0.7901 against 0.7924 for
-PyTorch fp32 on the synthetic validation split.
+512 px with 150 detections, network 492 ms against 719 ms in bf16 (1.46x); the demo's trained tiny model
+segm AP50 0.7863 against 0.7924 for PyTorch fp32 on the synthetic validation split.
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ SKIPPED_NAMES: tuple[str, ...] = (
     "body/conv1/",
 )
 """Layers left unquantised, by a part of their ONNX node name (see the module docstring)."""
+
+RESIDUAL_ADDS = True
+"""Also quantise both inputs of the backbone's residual additions (see :func:`quantised_inputs`): measured
+10 % less network time at R50-FPN 512 px / 150 detections (492 ms against 545 ms: fewer bf16 <-> int8
+reorders and stand-alone FakeQuantize nodes); segm AP50 against PyTorch fp32 -0.006 instead of -0.003 on the
+demo's model and -0.006 instead of -0.011 on the weakly trained test fixture."""
 
 DEFAULT_CALIB_IMAGES = 16
 SYNTH_CALIB_SIZE = 512
@@ -173,6 +183,34 @@ def quantisable_layers(model: Any) -> list[Any]:
     ]
 
 
+def _is_residual_add(op: Any) -> bool:
+    """A backbone addition of two activations (``out += identity`` of a ResNet block, named ``.../Add`` in the
+    export), not the bias addition OpenVINO splits off a convolution (named ``.../Conv``, one constant input)."""
+    name = op.get_friendly_name()
+    return (
+        op.get_type_name() == "Add"
+        and "/backbone/body/" in name
+        and name.rsplit("/", 1)[-1].startswith("Add")
+        and all(_constant_source(op.input_value(i)) is None for i in (0, 1))
+    )
+
+
+def _port_key(value: Any) -> str:
+    """A stable name for one tensor of the graph: ``producer name:output index``."""
+    return f"{value.get_node().get_friendly_name()}:{value.get_index()}"
+
+
+def quantised_inputs(model: Any) -> list[tuple[Any, int]]:
+    """``(op, input index)`` of every activation that gets a ``FakeQuantize``: the data input of each
+    quantisable layer and, with :data:`RESIDUAL_ADDS`, both inputs of the backbone's residual additions (so the
+    tensor between two bottleneck blocks is quantised once, for the next block's convolution and for its
+    shortcut alike, and OpenVINO can keep it int8 instead of converting it per consumer)."""
+    pairs = [(op, 0) for op in quantisable_layers(model)]
+    if RESIDUAL_ADDS:
+        pairs += [(op, i) for op in model.get_ordered_ops() if _is_residual_add(op) for i in (0, 1)]
+    return pairs
+
+
 def _read(onnx_path: Path) -> Any:
     from cellseg_deploy.runners.openvino_runner import repair_empty_branches
 
@@ -183,45 +221,40 @@ def _read(onnx_path: Path) -> Any:
 
 
 def calibrate(
-    onnx_path: Path, images: list[np.ndarray], threads: int | None = None
+    model: Any, images: list[np.ndarray], threads: int | None = None
 ) -> dict[str, tuple[float, float]]:
-    """Run the graph in fp32 on ``images`` and return each quantisable layer's input range ``(lo, hi)``:
-    the mean over the images of the per-image minimum and maximum.
+    """Run (a clone of) ``model`` in fp32 on ``images`` and return the range ``(lo, hi)`` of every tensor that
+    :func:`quantised_inputs` quantises, keyed by :func:`_port_key`: the mean over the images of the
+    per-image minimum and maximum. The keys hold for ``model`` itself (OpenVINO numbers some node names anew
+    each time a file is read, so calibrate and quantise the same read).
 
-    Layers that saw no values (e.g. the mask head on images without detections) are left out.
+    Tensors that saw no values (e.g. the mask head's on images without detections) are left out.
     """
     from tqdm import tqdm
 
     ov = _import_openvino()
-    model = _read(onnx_path)
-    layers = quantisable_layers(model)
+    model = model.clone()
+    ports: dict[str, Any] = {}
+    for op, index in quantised_inputs(model):
+        value = op.input_value(index)
+        ports.setdefault(_port_key(value), value)
     n_outputs = len(model.outputs)
-    keys: list[tuple[str, int]] = []
-    ports = []
-    slot: dict[str, int] = {}
-    for op in layers:
-        value = op.input_value(0)
-        key = (value.get_node().get_friendly_name(), value.get_index())
-        if key not in keys:
-            keys.append(key)
-            ports.append(value)
-        slot[op.get_friendly_name()] = n_outputs + keys.index(key)
-    model.add_outputs(ports)
+    model.add_outputs(list(ports.values()))
+    slot = {key: n_outputs + i for i, key in enumerate(ports)}
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
-    lows: dict[str, list[float]] = {name: [] for name in slot}
-    highs: dict[str, list[float]] = {name: [] for name in slot}
+    lows: dict[str, list[float]] = {key: [] for key in slot}
+    highs: dict[str, list[float]] = {key: [] for key in slot}
     for image in tqdm(images, desc="int8 calibration", unit="img", leave=False):
         request.infer({0: np.ascontiguousarray(image, dtype=np.uint8)})
-        for name, index in slot.items():
+        for key, index in slot.items():
             values = np.asarray(request.get_output_tensor(index).data).ravel()
-            if values.size == 0:
-                continue
-            lows[name].append(float(values.min()))
-            highs[name].append(float(values.max()))
-    return {name: (float(np.mean(lows[name])), float(np.mean(highs[name]))) for name in slot if lows[name]}
+            if values.size:
+                lows[key].append(float(values.min()))
+                highs[key].append(float(values.max()))
+    return {key: (float(np.mean(lows[key])), float(np.mean(highs[key]))) for key in slot if lows[key]}
 
 
 def _weight_axis(op: Any) -> int:
@@ -232,20 +265,28 @@ def _weight_axis(op: Any) -> int:
 
 
 def insert_fake_quantize(model: Any, ranges: dict[str, tuple[float, float]]) -> list[str]:
-    """Give every calibrated quantisable layer of ``model`` int8 inputs, in place; returns their names."""
+    """Quantise ``model`` in place with the calibrated ``ranges``: one activation ``FakeQuantize`` per
+    calibrated tensor, shared by all its quantised consumers, and per-channel weight ``FakeQuantize`` on every
+    quantisable layer whose input was calibrated. Returns the names of those layers."""
     import openvino.opset13 as ops
 
     def const(value: Any) -> Any:
         return ops.constant(np.asarray(value, np.float32))
 
+    layers = {op.get_friendly_name() for op in quantisable_layers(model)}
+    shared: dict[str, Any] = {}
     done = []
-    for op in quantisable_layers(model):
-        name = op.get_friendly_name()
-        if name not in ranges:
+    for op, index in quantised_inputs(model):
+        value = op.input_value(index)
+        key = _port_key(value)
+        if key not in ranges:
             continue
-        lo, hi = ranges[name]
-        lo, hi = min(lo, 0.0), max(hi, 1e-6)
-        activation = ops.fake_quantize(op.input_value(0), const(lo), const(hi), const(lo), const(hi), 256)
+        if key not in shared:
+            lo, hi = min(ranges[key][0], 0.0), max(ranges[key][1], 1e-6)
+            shared[key] = ops.fake_quantize(value, const(lo), const(hi), const(lo), const(hi), 256)
+        op.input(index).replace_source_output(shared[key].output(0))
+        if index != 0 or op.get_friendly_name() not in layers:
+            continue
         weights = _constant_source(op.input_value(1)).get_data().astype(np.float32)
         axis = _weight_axis(op)
         reduce = tuple(i for i in range(weights.ndim) if i != axis)
@@ -253,9 +294,8 @@ def insert_fake_quantize(model: Any, ranges: dict[str, tuple[float, float]]) -> 
         fq_weights = ops.fake_quantize(
             ops.constant(weights), const(-limit), const(limit), const(-limit), const(limit), 255
         )
-        op.input(0).replace_source_output(activation.output(0))
         op.input(1).replace_source_output(fq_weights.output(0))
-        done.append(name)
+        done.append(op.get_friendly_name())
     model.validate_nodes_and_infer_types()
     return done
 
@@ -308,9 +348,9 @@ def quantize_onnx(
         raise UserError(f"output {out} must end in .xml (an OpenVINO IR; its .bin is written beside it)")
     if not images:
         raise UserError("int8 calibration needs at least one image")
-    ranges = calibrate(Path(onnx_path), images, threads=threads)
-    calib_s = time.perf_counter() - t0
     model = _read(Path(onnx_path))
+    ranges = calibrate(model, images, threads=threads)
+    calib_s = time.perf_counter() - t0
     layers = insert_fake_quantize(model, ranges)
     calibration = {
         "source": source,
@@ -322,6 +362,7 @@ def quantize_onnx(
         "scheme": "FakeQuantize int8: weights symmetric per output channel (255 levels), activations per "
         "tensor over the calibrated range (256 levels)",
         "layers": len(layers),
+        "activations": len(ranges),
         "calibration": calibration,
         "onnx_sha256": sha256_file(onnx_path),
     }
