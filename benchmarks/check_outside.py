@@ -163,18 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     from cellseg_deploy.bench.models import parse_model_for
 
     args = _parse(argv)
-    engine = args.engine if split_label(args.engine)[1] else f"{args.engine}:fp32"
     if args.untrained:
         ckpt = build_untrained_checkpoint(
             args.cache / "untrained" / f"{args.untrained}-det{args.cells}-min512-seed0.pt",
             args.untrained,
             args.cells,
         )
-        model = resolve_engine_models([engine], checkpoint=ckpt, cache_dir=args.cache)[engine]
+        model = resolve_engine_models([args.engine], checkpoint=ckpt, cache_dir=args.cache)[args.engine]
     elif args.model:
-        model = resolve_engine_models([engine], checkpoint=args.model, cache_dir=args.cache)[engine]
+        model = resolve_engine_models([args.engine], checkpoint=args.model, cache_dir=args.cache)[args.engine]
     else:
-        model = resolve_engine_models([engine], model_for=parse_model_for([args.model_for]))[engine]
+        model = resolve_engine_models([args.engine], model_for=parse_model_for([args.model_for]))[args.engine]
     images_dir = args.images_dir
     if images_dir is None:
         folder = args.cache / "workloads" / f"outside-{args.imgsz}px-{args.cells}cells-{args.images}img"

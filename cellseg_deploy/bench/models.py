@@ -169,8 +169,7 @@ def resolve_engine_models(
         cls = get_runner_class(runner)
         suffixes = tuple(s.lower() for s in cls.model_suffixes)
         if engine in model_for or runner in model_for:
-            path = model_for.get(engine, model_for.get(runner))
-            assert path is not None
+            path = model_for[engine] if engine in model_for else model_for[runner]
             cls.check_model_path(path)
             out[engine] = EngineModel(engine, path, "given", _file_sha(path), "given with --model-for")
             continue

@@ -115,9 +115,8 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
 @click.option(
     "--calib-images",
     type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="openvino-int8: number of calibration images.",
+    default=None,
+    help="openvino-int8: number of calibration images (default 16).",
 )
 @json_option
 def export_cmd(
@@ -136,7 +135,7 @@ def export_cmd(
     workspace_gib: float,
     timing_cache: Path | None,
     calib_data: Path | None,
-    calib_images: int,
+    calib_images: int | None,
     json_path: Path | None,
 ) -> None:
     """Export CHECKPOINT (a cellseg-deploy .pt; for --format trt also a stage folder) for deployment.
@@ -154,14 +153,16 @@ def export_cmd(
         cellseg-deploy export runs/r50/best.pt --format openvino-int8 --calib-data data/hw3 --out models/r50.int8.xml
     """
     result: Any
-    if fmt != "openvino-int8" and (calib_data is not None or calib_images != 16):
+    if fmt != "openvino-int8" and (calib_data is not None or calib_images is not None):
         raise UserError("--calib-data/--calib-images apply to --format openvino-int8 only")
     if fmt == "openvino-int8":
         _reject_onnx_only(simplify, static, trace_image)
         _reject_stage_options(fmt, fp16, max_batch, opt_size, profile_json, stage_dir, timing_cache)
-        from cellseg_deploy.export.openvino_int8 import export_openvino_int8
+        from cellseg_deploy.export.openvino_int8 import DEFAULT_CALIB_IMAGES, export_openvino_int8
 
-        result = export_openvino_int8(checkpoint, out, calib_data=calib_data, calib_images=calib_images)
+        result = export_openvino_int8(
+            checkpoint, out, calib_data=calib_data, calib_images=calib_images or DEFAULT_CALIB_IMAGES
+        )
         click.echo(
             f"wrote {result.path} (+ {result.bin_path.name}) in {result.seconds:.1f} s: "
             f"{len(result.quantised_layers)} layers int8, calibrated on {result.calibration['source']}"

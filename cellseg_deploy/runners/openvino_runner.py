@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 OUTPUT_NAMES: tuple[str, ...] = ("boxes", "labels", "scores", "mask_probs")
 INSTALL_HINT = "pip install 'cellseg-deploy[openvino]' (or: pip install openvino)"
 
-PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
-"""``--precision`` -> OpenVINO's ``INFERENCE_PRECISION_HINT`` (at ``int8``: of the layers left unquantised;
-``f32`` on CPUs without bf16)."""
+PRECISION_HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16"}
+"""``--precision`` -> OpenVINO's ``INFERENCE_PRECISION_HINT`` (``int8`` compiles its unquantised layers at
+``bf16``, or ``f32`` on CPUs without bf16: see ``_check_quantisation``)."""
 INT8_HINT = (
     "make one with 'cellseg-deploy export CHECKPOINT --format openvino-int8 --calib-data DATA "
     "--out models/NAME.int8.xml'"
