@@ -1,0 +1,445 @@
+"""Accuracy of every CPU path of one trained model, side by side: the accuracy half of the CPU fast path.
+
+The speed suite (``run_suite.py``) measures untrained models whose detection count is fixed; this script takes
+a *trained* checkpoint and measures what each CPU engine makes of it: COCO segm AP50 (and AP, bbox AP50)
+against the ground truth, the difference to PyTorch eager fp32, and the ``parity`` verdict of the fast
+paths with their own tolerance profile (``bf16``, ``int8``). Engines: ``torch`` (eager fp32, the reference),
+``onnx`` (ONNX Runtime fp32), ``openvino`` (fp32), ``openvino:bf16`` and ``openvino:int8`` (each where
+installed).
+
+Cases (each its own data; the model's input size follows the images, so cells keep their trained scale):
+
+- ``val``: the checkpoint as trained, on the validation split of ``--data`` (the split training held out).
+- ``512-150``: synthetic 512 x 512 images with 140 to 160 cells each (the fast path's headline speed case);
+  the checkpoint's ``min_size`` set to 512.
+- ``800-dense``: synthetic 800 x 800 images with 500 to 560 cells each (the dense speed case);
+  ``min_size`` 800.
+
+The synthetic cases write ``test_release/`` with COCO ground truth (scored with ``--split test``) and a
+training split from which the int8 IR is calibrated (never the scored images). ``val`` calibrates on the
+training split of ``--data``. Exports are the normal ones: ``export_onnx`` (checked against PyTorch) and
+``export_openvino_int8``.
+
+Usage::
+
+    python benchmarks/cpu_accuracy.py --checkpoint runs/r50/best.pt --data data/synth --out benchmarks/cpu-accuracy
+    python benchmarks/cpu_accuracy.py --checkpoint runs/tiny/best.pt --data data/synth --out runs/acc --cases val
+
+Writes ``OUT/summary.json`` (every evaluation and parity report), ``OUT/summary.md`` (the tables) and
+``OUT/ap50.png``. Exit code 0 when every fast path (bf16, int8) of every case keeps its segm AP50 within
+``--max-ap50-diff`` (0.01) of PyTorch's and passes parity; 1 otherwise; 2 on unusable inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cellseg_deploy.bench.environment import capture_environment
+from cellseg_deploy.bench.runner_bench import split_label
+from cellseg_deploy.cli.common import markdown_table
+from cellseg_deploy.errors import UserError
+from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text, atomic_write_with
+
+ENGINES = ("torch", "onnx", "openvino", "openvino:bf16", "openvino:int8")
+FAST_PATHS = ("openvino:bf16", "openvino:int8")
+MAX_AP50_DIFF = 0.01
+
+
+@dataclass(frozen=True)
+class Case:
+    """One accuracy case.
+
+    Attributes:
+        name: short name (folder and table row).
+        side: synthetic image side in pixels; ``None``: the validation split of ``--data``.
+        cells: (fewest, most) cells per synthetic image.
+        test_images: scored synthetic images.
+        calib_images: synthetic training images written for int8 calibration (16 are used).
+        max_dets: COCOeval's cap per image and category (dense images need more than COCO's 100).
+    """
+
+    name: str
+    side: int | None = None
+    cells: tuple[int, int] = (0, 0)
+    test_images: int = 0
+    calib_images: int = 20
+    max_dets: int = 100
+
+    def describe(self) -> str:
+        if self.side is None:
+            return "the validation split of --data, at the model's own input size"
+        return (
+            f"{self.test_images} synthetic {self.side}x{self.side} images, {self.cells[0]}-{self.cells[1]} "
+            f"cells each, min_size {self.side}"
+        )
+
+
+CASES = (
+    Case("val"),
+    Case("512-150", side=512, cells=(140, 160), test_images=8, max_dets=300),
+    Case("800-dense", side=800, cells=(500, 560), test_images=4, max_dets=1000),
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sized_checkpoint(checkpoint: Path, out: Path, side: int) -> Path:
+    """Write ``checkpoint`` with its input resizing set for ``side`` x ``side`` images (``min_size = side``,
+    ``max_size = 2 * side``): the weights are unchanged; only where the image is resized to moves, so a
+    ``side`` px image runs at scale 1. The source's SHA-256 goes into ``model.extra["sized_from"]``; an
+    ``out`` already holding exactly that config is kept."""
+    from cellseg_deploy.io_utils import sha256_file
+    from cellseg_deploy.modeling import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(checkpoint)
+    extra = {**ck.model_config.extra, "sized_from": sha256_file(checkpoint)}
+    config = replace(ck.model_config, min_size=side, max_size=2 * side, extra=extra)
+    config.validate()
+    if out.is_file() and load_checkpoint(out).model_config == config:
+        return out
+    save_checkpoint(out, ck.build_model(), config, recipe=ck.recipe, epoch=ck.epoch, metrics=ck.metrics)
+    return out
+
+
+def case_data(case: Case, data: Path, cache: Path, seed: int) -> tuple[Path, str]:
+    """The dataset root of ``case`` and the split to score (synthetic sets are written once into ``cache``)."""
+    if case.side is None:
+        return data, "val"
+    from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
+
+    root = cache / case.name / "data"
+    config = SynthConfig(
+        n_train=case.calib_images,
+        n_test=case.test_images,
+        min_size=case.side,
+        max_size=case.side,
+        min_cells=case.cells[0],
+        max_cells=case.cells[1],
+        seed=seed,
+    )
+    if not (root / "test_ground_truth.json").is_file():
+        log(f"[{case.name}] writing the synthetic set: {case.describe()}")
+        make_synthetic_dataset(root, config)
+    return root, "test"
+
+
+def export_models(
+    checkpoint: Path, folder: Path, calib_data: Path, engines: tuple[str, ...]
+) -> dict[str, Path]:
+    """Engine label -> model file: the checkpoint for torch, one checked ONNX export for the ONNX Runtime and
+    OpenVINO fp32/bf16 engines, the int8 IR (calibrated on ``calib_data``'s training split) for int8."""
+    from cellseg_deploy.export.onnx_export import export_onnx
+
+    models: dict[str, Path] = {}
+    onnx_path = folder / "model.onnx"
+    xml_path = folder / "model.int8.xml"
+    for label in engines:
+        runner, precision = split_label(label)
+        if runner == "torch":
+            models[label] = checkpoint
+        elif precision == "int8":
+            if not xml_path.is_file():
+                from cellseg_deploy.export.openvino_int8 import export_openvino_int8
+
+                log(f"exporting {xml_path} (int8, calibrated on {calib_data})")
+                export_openvino_int8(checkpoint, xml_path, calib_data=calib_data)
+            models[label] = xml_path
+        else:
+            if not onnx_path.is_file():
+                log(f"exporting {onnx_path}")
+                export_onnx(checkpoint, onnx_path)
+            models[label] = onnx_path
+    return models
+
+
+def evaluate_engines(
+    models: dict[str, Path], root: Path, split: str, max_dets: int, threads: int | None
+) -> dict[str, dict[str, Any]]:
+    """``cellseg-deploy eval`` of each engine on the same images: label -> EvalResult dict."""
+    from cellseg_deploy.evaluation.predict import evaluate_model
+
+    out: dict[str, dict[str, Any]] = {}
+    for label, model in models.items():
+        runner, precision = split_label(label)
+        log(f"eval {label} ({model.name}) on {root} split {split}")
+        result = evaluate_model(
+            model, runner, root, split, max_dets=max_dets, precision=precision or "fp32", threads=threads
+        )
+        out[label] = result.to_dict()
+    return out
+
+
+def parity_checks(
+    checkpoint: Path, models: dict[str, Path], root: Path, split: str, threads: int | None
+) -> dict[str, dict[str, Any]]:
+    """``cellseg-deploy parity`` of each fast path against PyTorch fp32, with its own tolerance profile."""
+    from cellseg_deploy.evaluation.parity import run_parity
+
+    out: dict[str, dict[str, Any]] = {}
+    for label in FAST_PATHS:
+        if label not in models:
+            continue
+        runner, precision = split_label(label)
+        assert precision is not None
+        log(f"parity {label} --profile {precision} on {root} split {split}")
+        report = run_parity(
+            checkpoint,
+            models[label],
+            runner,
+            root,
+            split=split,
+            profile=precision,
+            candidate_precision=precision,
+            threads=threads,
+        )
+        out[label] = report.to_dict()
+    return out
+
+
+def case_rows(result: dict[str, Any], max_diff: float) -> list[dict[str, Any]]:
+    """One row per engine: AP figures, the AP50 difference to torch and the verdicts (fast paths)."""
+    evals = result["eval"]
+    ref = evals["torch"]["metrics"]["segm"]["AP50"]
+    rows = []
+    for label, ev in evals.items():
+        segm, bbox = ev["metrics"]["segm"], ev["metrics"].get("bbox", {})
+        diff = segm["AP50"] - ref
+        parity = result["parity"].get(label)
+        rows.append(
+            {
+                "engine": label,
+                "segm_AP50": segm["AP50"],
+                "segm_AP50_diff": diff,
+                "within": abs(diff) <= max_diff,
+                "segm_AP": segm["AP"],
+                "bbox_AP50": bbox.get("AP50"),
+                "detections": segm["num_detections"],
+                "seconds": ev["info"]["seconds"],
+                "parity": None if parity is None else parity["passed"],
+                "parity_failures": None if parity is None else parity["failures"],
+            }
+        )
+    return rows
+
+
+def passed(cases: dict[str, dict[str, Any]]) -> bool:
+    """Every fast path of every case: AP50 within the limit and parity passed."""
+    return all(
+        row["within"] and row["parity"] is not False
+        for c in cases.values()
+        for row in c["rows"]
+        if row["engine"] in FAST_PATHS
+    )
+
+
+def write_markdown(summary: dict[str, Any], path: Path) -> Path:
+    env = summary["environment"]
+    lines = [
+        "# CPU paths: accuracy of one trained model",
+        "",
+        f"Made by `{summary['command']}` on {summary['created']} ({summary['seconds']:.0f} s).",
+        f"Checkpoint: `{summary['checkpoint']}` (arch `{summary['arch']}`, sha256 {summary['checkpoint_sha256'][:12]}).",
+        f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cores']} usable cores; threads per runner "
+        f"{summary['threads'] or 'default'}.",
+        "",
+        f"`diff`: segm AP50 minus PyTorch eager fp32's on the same images. `within`: |diff| <= "
+        f"{summary['max_ap50_diff']}. `parity`: `cellseg-deploy parity` against PyTorch fp32 with the engine's "
+        "precision profile (fast paths only). Verdict: "
+        + ("**passed**" if summary["passed"] else "**failed**")
+        + " (every fast path within and parity passed).",
+    ]
+    headers = [
+        "engine",
+        "segm AP50",
+        "diff",
+        "within",
+        "segm AP",
+        "bbox AP50",
+        "detections",
+        "eval s",
+        "parity",
+    ]
+    for name, case in summary["cases"].items():
+        first = next(iter(case["eval"].values()))
+        lines += [
+            "",
+            f"## {name}: {case['description']}",
+            "",
+            f"{first['num_images']} images, {sum(first['num_gt'].values())} ground-truth cells; data "
+            f"`{case['data']}` split `{case['split']}`; COCOeval cap {case['max_dets']} per image and class.",
+            "",
+        ]
+        rows = [
+            [
+                r["engine"],
+                r["segm_AP50"],
+                f"{r['segm_AP50_diff']:+.4f}",
+                "yes" if r["within"] else "NO",
+                r["segm_AP"],
+                r["bbox_AP50"],
+                r["detections"],
+                f"{r['seconds']:.1f}",
+                {None: "-", True: "passed", False: "FAILED"}[r["parity"]],
+            ]
+            for r in case["rows"]
+        ]
+        lines.append(markdown_table(rows, headers))
+        for r in case["rows"]:
+            for failure in r["parity_failures"] or []:
+                lines.append(f"- parity {r['engine']}: {failure}")
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_ap50(summary: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: segm AP50 per engine, one group per case."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cases = list(summary["cases"])
+    engines = list(dict.fromkeys(r["engine"] for c in cases for r in summary["cases"][c]["rows"]))
+    fig = Figure(figsize=(max(5.0, 2.2 * len(cases) + 1.5), 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(engines))
+    for j, engine in enumerate(engines):
+        values = [
+            next((r["segm_AP50"] for r in summary["cases"][c]["rows"] if r["engine"] == engine), 0.0)
+            for c in cases
+        ]
+        ax.bar(
+            [i + (j - (len(engines) - 1) / 2) * width for i in range(len(cases))], values, width, label=engine
+        )
+    ax.set_xticks(range(len(cases)), cases)
+    ax.set_ylabel("segm AP50")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"segm AP50 per CPU engine ({summary['arch']})", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def run(
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    cache: Path,
+    cases: tuple[Case, ...],
+    engines: tuple[str, ...],
+    *,
+    threads: int | None = None,
+    max_diff: float = MAX_AP50_DIFF,
+    seed: int = 0,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run every case and write ``out/summary.{json,md}`` and ``out/ap50.png``; returns the summary."""
+    from cellseg_deploy.io_utils import sha256_file
+    from cellseg_deploy.modeling import load_checkpoint
+
+    if "torch" not in engines:
+        raise UserError("the engines must include torch: it is the reference every difference is taken to")
+    t0 = time.perf_counter()
+    arch = load_checkpoint(checkpoint).model_config.arch
+    environment = capture_environment("cpu", threads)
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        folder = cache / case.name
+        folder.mkdir(parents=True, exist_ok=True)
+        root, split = case_data(case, data, cache, seed)
+        ckpt = (
+            checkpoint if case.side is None else sized_checkpoint(checkpoint, folder / "model.pt", case.side)
+        )
+        models = export_models(ckpt, folder, root, engines)
+        result: dict[str, Any] = {
+            "description": case.describe(),
+            "data": str(root),
+            "split": split,
+            "max_dets": case.max_dets,
+            "checkpoint": str(ckpt),
+            "eval": evaluate_engines(models, root, split, case.max_dets, threads),
+        }
+        result["parity"] = parity_checks(ckpt, models, root, split, threads)
+        result["rows"] = case_rows(result, max_diff)
+        results[case.name] = result
+    summary = {
+        "schema": "cellseg-deploy/cpu-accuracy/1",
+        "command": command,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "arch": arch,
+        "threads": threads,
+        "max_ap50_diff": max_diff,
+        "environment": environment,
+        "cases": results,
+    }
+    summary["passed"] = passed(results)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "summary.json", summary)
+    write_markdown(summary, out / "summary.md")
+    plot_ap50(summary, out / "ap50.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Accuracy of every CPU engine on one trained model.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="trained cellseg-deploy checkpoint (.pt)")
+    p.add_argument(
+        "--data", type=Path, required=True, help="its dataset root (the val case and its calibration)"
+    )
+    p.add_argument("--out", type=Path, default=Path("benchmarks/cpu-accuracy"), help="results folder")
+    p.add_argument(
+        "--cache", type=Path, default=Path("runs/cpu-accuracy-cache"), help="exports and synthetic sets"
+    )
+    p.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated case names")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated engine labels (torch first)")
+    p.add_argument("--threads", type=int, default=None, help="threads per runner (default: each runner's)")
+    p.add_argument("--max-ap50-diff", type=float, default=MAX_AP50_DIFF)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sets")
+    args = p.parse_args(argv)
+    by_name = {c.name: c for c in CASES}
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in by_name]
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    try:
+        if unknown:
+            raise UserError(f"unknown case(s) {unknown}; choose from {list(by_name)}")
+        from cellseg_deploy.runners import get_runner_class
+
+        available = tuple(
+            e for e in engines if get_runner_class(split_label(e)[0]).unavailable_reason() is None
+        )
+        for e in engines:
+            if e not in available:
+                log(f"skipping {e}: {get_runner_class(split_label(e)[0]).unavailable_reason()}")
+        summary = run(
+            args.checkpoint,
+            args.data,
+            args.out,
+            args.cache,
+            tuple(by_name[n] for n in names),
+            available,
+            threads=args.threads,
+            max_diff=args.max_ap50_diff,
+            seed=args.seed,
+            command="python benchmarks/cpu_accuracy.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
+    except UserError as exc:
+        log(f"error: {exc}")
+        return 2
+    log((args.out / "summary.md").read_text())
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
