@@ -92,6 +92,30 @@ def test_bf16_runs_bf16_and_gives_well_formed_detections(
             assert best < 4.0, (name, best)
 
 
+def test_bf16_keeps_the_roialign_coordinates_fp32(fast_onnx: Path) -> None:
+    """Without the repair OpenVINO rounds the RoI boxes to bf16 before RoIAlign (4 px steps beyond 512 px)."""
+    if not _has_bf16():
+        pytest.skip("this CPU has no bf16: OpenVINO runs fp32 throughout")
+    from cellseg_deploy.runners.openvino_runner import OUTPUT_NAMES
+
+    def precision(node: object) -> str:
+        return node.get_rt_info()["runtimePrecision"].astype(str)  # type: ignore[attr-defined]
+
+    with create_runner("openvino", fast_onnx, precision="bf16", threads=1) as runner:
+        runtime = runner.compiled.get_runtime_model()  # type: ignore[attr-defined]
+        roi_aligns = [
+            op for op in runtime.get_ordered_ops() if op.get_rt_info()["layerType"].astype(str) == "ROIAlign"
+        ]
+        assert len(roi_aligns) == runner.info()["fp32_roi_inputs"] > 0
+        assert precision(roi_aligns[0]) == "bf16", "the features are still sampled in bf16"
+        for op in roi_aligns:
+            source = op.input_value(1).get_node()
+            while source.get_rt_info()["layerType"].astype(str) == "Reorder":
+                source = source.input_value(0).get_node()
+            assert precision(source) == "f32", (op.get_friendly_name(), source.get_friendly_name())
+        assert sorted(runner.outputs) == sorted(OUTPUT_NAMES)  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_grey_image_gives_no_detections(fast_onnx: Path, precision: str) -> None:
     """No detection means N = 0 (OpenVINO alone returns one garbage row here: see repair_empty_branches)."""
