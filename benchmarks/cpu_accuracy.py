@@ -44,7 +44,8 @@ from cellseg_deploy.bench.environment import capture_environment
 from cellseg_deploy.bench.runner_bench import split_label
 from cellseg_deploy.cli.common import markdown_table
 from cellseg_deploy.errors import UserError
-from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text, atomic_write_with
+from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
+from cellseg_deploy.plots import new_figure, save_png
 
 ENGINES = ("torch", "onnx", "openvino", "openvino:bf16", "openvino:int8")
 FAST_PATHS = ("openvino:bf16", "openvino:int8")
@@ -300,13 +301,9 @@ def write_markdown(summary: dict[str, Any], path: Path) -> Path:
 
 def plot_ap50(summary: dict[str, Any], path: Path) -> Path:
     """Grouped bars: segm AP50 per engine, one group per case."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     cases = list(summary["cases"])
     engines = list(dict.fromkeys(r["engine"] for c in cases for r in summary["cases"][c]["rows"]))
-    fig = Figure(figsize=(max(5.0, 2.2 * len(cases) + 1.5), 4.2), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(5.0, 2.2 * len(cases) + 1.5), 4.2)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(engines))
     for j, engine in enumerate(engines):
@@ -323,8 +320,7 @@ def plot_ap50(summary: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"segm AP50 per CPU engine ({summary['arch']})", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return save_png(fig, path)
 
 
 def run(

@@ -23,7 +23,8 @@ from typing import Any
 
 from cellseg_deploy.bench.runner_bench import STAGES
 from cellseg_deploy.cli.common import format_table, markdown_table
-from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text, atomic_write_with
+from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
+from cellseg_deploy.plots import new_figure, save_png
 
 STAGE_ORDER: tuple[str, ...] = STAGES
 
@@ -263,20 +264,6 @@ def markdown_report(result: dict[str, Any], plots: list[str] | None = None) -> s
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------------
-def _figure(width: float = 7.0, height: float = 4.2) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
 def _subtitle(result: dict[str, Any]) -> str:
     env = result["environment"]
     dev = env["gpu"]["name"] if env.get("gpu") and env["gpu"].get("available") else env["cpu"]["model"]
@@ -287,20 +274,20 @@ def plot_distribution(result: dict[str, Any], path: Path) -> Path:
     """Box plot of the end-to-end latency samples per engine."""
     names = list(result["engines"])
     data = [result["engines"][n]["samples_ms"] for n in names]
-    fig = _figure(max(4.0, 1.6 * len(names) + 2), 4.2)
+    fig = new_figure(max(4.0, 1.6 * len(names) + 2), 4.2)
     ax = fig.add_subplot(1, 1, 1)
     ax.boxplot(data, whis=(5, 95), showmeans=True, tick_labels=names)
     ax.set_ylabel("end-to-end latency (ms)")
     ax.set_ylim(bottom=0)
     ax.set_title("latency distribution per engine\n" + _subtitle(result), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_stages(result: dict[str, Any], path: Path) -> Path:
     """Stacked horizontal bars of the mean time per stage, per engine."""
     names = list(result["engines"])
-    fig = _figure(7.5, max(2.8, 0.7 * len(names) + 2.0))
+    fig = new_figure(7.5, max(2.8, 0.7 * len(names) + 2.0))
     ax = fig.add_subplot(1, 1, 1)
     left = [0.0] * len(names)
     for stage in STAGE_ORDER:
@@ -313,7 +300,7 @@ def plot_stages(result: dict[str, Any], path: Path) -> Path:
         fontsize=8, ncol=len(STAGE_ORDER), loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False
     )
     ax.invert_yaxis()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _xy_lines(
@@ -358,7 +345,7 @@ def can_plot_against(result: dict[str, Any], kind: str) -> bool:
 def plot_against(result: dict[str, Any], kind: str, path: Path) -> Path:
     """Mean end-to-end latency (error bars: one standard deviation) against cells or image size."""
     lines, label = _xy_lines(result, kind)
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for name, (xs, ys, es) in lines.items():
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
@@ -370,7 +357,7 @@ def plot_against(result: dict[str, Any], kind: str, path: Path) -> Path:
     )
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:

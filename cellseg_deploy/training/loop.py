@@ -305,13 +305,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_curves(records: list[dict[str, Any]], dest: Path) -> Path:
     """Write a PNG with the training loss (and its parts) per step and the validation AP per epoch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from cellseg_deploy.plots import new_figure, save_png
 
-    from cellseg_deploy.io_utils import atomic_path
-
-    fig = Figure(figsize=(11, 4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(11, 4, dpi=100)
     ax_loss, ax_ap = fig.subplots(1, 2)
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
@@ -340,10 +336,7 @@ def plot_curves(records: list[dict[str, Any]], dest: Path) -> Path:
     ax_ap.set_ylabel("validation AP")
     ax_ap.set_ylim(0, 1)
     ax_ap.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png")
-    return dest
+    return save_png(fig, dest)
 
 
 # ----------------------------------------------------------------------------------------------------------

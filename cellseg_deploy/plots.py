@@ -1,0 +1,27 @@
+"""PNG figures without global pyplot state: matplotlib's Agg canvas, written atomically.
+
+Used by the benchmark reports, the training curves and the benchmark scripts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cellseg_deploy.io_utils import atomic_write_with
+
+
+def new_figure(width: float = 7.0, height: float = 4.2, dpi: int = 110) -> Any:
+    """A matplotlib ``Figure`` on its own Agg canvas; ``width``/``height`` in inches."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Lay ``fig`` out tightly and write it to ``path`` as PNG (temporary file, then rename)."""
+    fig.tight_layout()
+    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
