@@ -135,30 +135,50 @@ def case_data(case: Case, data: Path, cache: Path, seed: int) -> tuple[Path, str
 def export_models(
     checkpoint: Path, folder: Path, calib_data: Path, engines: tuple[str, ...]
 ) -> dict[str, Path]:
-    """Engine label -> model file: the checkpoint for torch, one checked ONNX export for the ONNX Runtime and
-    OpenVINO fp32/bf16 engines, the int8 IR (calibrated on ``calib_data``'s training split) for int8."""
+    """Engine label -> model file: the checkpoint for torch, one checked ONNX export for every other engine,
+    and that ONNX file quantised (calibrated on ``calib_data``'s training split) for int8. Files in ``folder``
+    are reused only when made from this checkpoint (the ONNX metadata's ``source_sha256``) and from this ONNX
+    file (the int8 IR's ``onnx_sha256``)."""
+    from cellseg_deploy.export.metadata import read_onnx_metadata
     from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.io_utils import sha256_file
 
-    models: dict[str, Path] = {}
     onnx_path = folder / "model.onnx"
     xml_path = folder / "model.int8.xml"
-    for label in engines:
-        runner, precision = split_label(label)
+    labels = [(label, *split_label(label)) for label in engines]
+    if any(runner != "torch" for _, runner, _ in labels) and not (
+        onnx_path.is_file() and read_onnx_metadata(onnx_path).get("source_sha256") == sha256_file(checkpoint)
+    ):
+        log(f"exporting {onnx_path}")
+        export_onnx(checkpoint, onnx_path)
+    models: dict[str, Path] = {}
+    for label, runner, precision in labels:
         if runner == "torch":
             models[label] = checkpoint
         elif precision == "int8":
-            if not xml_path.is_file():
-                from cellseg_deploy.export.openvino_int8 import export_openvino_int8
+            if not _quantised_from(xml_path, onnx_path):
+                from cellseg_deploy.export.openvino_int8 import calibration_images, quantize_onnx
 
-                log(f"exporting {xml_path} (int8, calibrated on {calib_data})")
-                export_openvino_int8(checkpoint, xml_path, calib_data=calib_data)
+                log(f"quantising {onnx_path} -> {xml_path} (calibrated on {calib_data})")
+                images, source = calibration_images(calib_data)
+                quantize_onnx(onnx_path, xml_path, images, source=source)
             models[label] = xml_path
         else:
-            if not onnx_path.is_file():
-                log(f"exporting {onnx_path}")
-                export_onnx(checkpoint, onnx_path)
             models[label] = onnx_path
     return models
+
+
+def _quantised_from(xml_path: Path, onnx_path: Path) -> bool:
+    """Whether ``xml_path`` is an int8 IR made from exactly ``onnx_path``."""
+    if not xml_path.is_file():
+        return False
+    import openvino as ov
+
+    from cellseg_deploy.export.openvino_int8 import read_quantisation
+    from cellseg_deploy.io_utils import sha256_file
+
+    record = read_quantisation(ov.Core().read_model(str(xml_path)))
+    return record is not None and record.get("onnx_sha256") == sha256_file(onnx_path)
 
 
 def evaluate_engines(
@@ -411,19 +431,20 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown case(s) {unknown}; choose from {list(by_name)}")
         from cellseg_deploy.runners import get_runner_class
 
-        available = tuple(
-            e for e in engines if get_runner_class(split_label(e)[0]).unavailable_reason() is None
-        )
+        available: list[str] = []
         for e in engines:
-            if e not in available:
-                log(f"skipping {e}: {get_runner_class(split_label(e)[0]).unavailable_reason()}")
+            reason = get_runner_class(split_label(e)[0]).unavailable_reason()
+            if reason is None:
+                available.append(e)
+            else:
+                log(f"skipping {e}: {reason}")
         summary = run(
             args.checkpoint,
             args.data,
             args.out,
             args.cache,
             tuple(by_name[n] for n in names),
-            available,
+            tuple(available),
             threads=args.threads,
             max_diff=args.max_ap50_diff,
             seed=args.seed,

@@ -76,6 +76,15 @@ def test_run_scores_every_engine_on_the_same_images(trained_tiny, tmp_path: Path
     assert load_checkpoint(synth["checkpoint"]).model_config.min_size == 160
     runner = synth["eval"]["openvino:int8"]["info"]["runner"]
     assert "s160" in json.dumps(runner), runner
+    # the int8 IR quantises the case's own ONNX export; both are reused while the checkpoint is unchanged
+    from cellseg_deploy.io_utils import sha256_file
+
+    folder = tmp_path / "cache" / "s160"
+    assert runner["quantisation"]["onnx_sha256"] == sha256_file(folder / "model.onnx")
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.glob("model.*")}
+    models = cpu_accuracy.export_models(folder / "model.pt", folder, Path(synth["data"]), engines)
+    assert models["openvino:int8"] == folder / "model.int8.xml"
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("model.*")} == stamps
 
 
 def _case(rows: list[tuple[str, float, bool | None]]) -> dict:
