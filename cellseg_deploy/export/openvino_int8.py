@@ -64,12 +64,6 @@ SKIPPED_NAMES: tuple[str, ...] = (
 )
 """Layers left unquantised, by a part of their ONNX node name (see the module docstring)."""
 
-RESIDUAL_ADDS = True
-"""Also quantise both inputs of the backbone's residual additions (see :func:`quantised_inputs`): measured
-10 % less network time at R50-FPN 512 px / 150 detections (492 ms against 545 ms: fewer bf16 <-> int8
-reorders and stand-alone FakeQuantize nodes); segm AP50 against PyTorch fp32 -0.006 instead of -0.003 on the
-demo's model and -0.006 instead of -0.011 on the weakly trained test fixture."""
-
 DEFAULT_CALIB_IMAGES = 16
 SYNTH_CALIB_SIZE = 512
 SYNTH_CALIB_CELLS = (40, 300)
@@ -202,13 +196,16 @@ def _port_key(value: Any) -> str:
 
 def quantised_inputs(model: Any) -> list[tuple[Any, int]]:
     """``(op, input index)`` of every activation that gets a ``FakeQuantize``: the data input of each
-    quantisable layer and, with :data:`RESIDUAL_ADDS`, both inputs of the backbone's residual additions (so the
-    tensor between two bottleneck blocks is quantised once, for the next block's convolution and for its
-    shortcut alike, and OpenVINO can keep it int8 instead of converting it per consumer)."""
+    quantisable layer and both inputs of the backbone's residual additions (so the tensor between two
+    bottleneck blocks is quantised once, for the next block's convolution and for its shortcut alike, and
+    OpenVINO can keep it int8 instead of converting it per consumer).
+
+    The residual additions were measured both ways: 10 % less network time at R50-FPN 512 px / 150
+    detections (492 ms against 545 ms: fewer bf16 <-> int8 reorders and stand-alone FakeQuantize nodes);
+    segm AP50 against PyTorch fp32 -0.006 instead of -0.003 on the demo's model and -0.006 instead of -0.011
+    on the weakly trained test fixture."""
     pairs = [(op, 0) for op in quantisable_layers(model)]
-    if RESIDUAL_ADDS:
-        pairs += [(op, i) for op in model.get_ordered_ops() if _is_residual_add(op) for i in (0, 1)]
-    return pairs
+    return pairs + [(op, i) for op in model.get_ordered_ops() if _is_residual_add(op) for i in (0, 1)]
 
 
 def _read(onnx_path: Path) -> Any:
