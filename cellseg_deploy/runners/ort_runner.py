@@ -6,10 +6,24 @@ and returns ``boxes, labels, scores, mask_probs``; the shared post-processing pa
 Execution providers are asked for explicitly and checked after the session is created: asking for CUDA and
 getting the CPU (ONNX Runtime falls back silently when the CUDA libraries or the GPU are missing) is an
 error, never a silent swap. :meth:`OrtRunner.info` reports the providers actually in use.
+
+CUDA libraries: onnxruntime-gpu's CUDA provider library needs cuBLAS(Lt) and cuDNN, which pip installs
+only as ``site-packages/nvidia/...`` packages that the dynamic loader does not search. ONNX Runtime finds
+them after ``import torch`` (torch loads the same files) or after ``onnxruntime.preload_dlls()``; ``eval``
+and ``predict`` create the session before anything imports torch, so the runner calls ``preload_dlls`` itself
+before a CUDA session (once per process) and says so in ``info()["cuda_libraries"]``.
+
+Precision: the CUDA provider computes fp32 convolutions and matmuls in TF32 unless told otherwise (its
+``use_tf32`` defaults to on). This runner is ``fp32``, so it asks for ``use_tf32=0``; ``tf32=true`` is the
+explicit opt-in. ``info()`` reports ``tf32`` and the provider options asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,6 +32,7 @@ import numpy as np
 
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
 from cellseg_deploy.runners.base import Runner, check_static_size
+from cellseg_deploy.runners.devices import parse_device
 from cellseg_deploy.runners.registry import register_runner
 from cellseg_deploy.structures import Detections
 
@@ -28,6 +43,39 @@ GRAPH_OPT_LEVELS: tuple[str, ...] = ("disable", "basic", "extended", "all")
 """Names of ONNX Runtime's graph optimisation levels (option ``graph_optimization``)."""
 
 _OUTPUTS = ("boxes", "labels", "scores", "mask_probs")
+
+CUDNN_CONV_ALGO_SEARCH: tuple[str, ...] = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+"""Values of the CUDA provider's ``cudnn_conv_algo_search`` (option ``cudnn_conv_algo_search``)."""
+
+log = logging.getLogger(__name__)
+
+_cuda_libraries: str | None = None
+"""How this process got the CUDA libraries for ONNX Runtime (set by :func:`prepare_cuda_libraries`)."""
+
+
+def prepare_cuda_libraries(ort: Any) -> str:
+    """Make cuBLAS/cuDNN from the pip ``nvidia-*`` packages loadable for the CUDA provider; once per process.
+
+    Calls ``onnxruntime.preload_dlls()`` (ONNX Runtime >= 1.21) whether or not torch was imported: on Linux
+    it ``dlopen``s the files from ``site-packages/nvidia``, which costs nothing when torch already loaded
+    them. Its messages (printed on stdout) go to this module's debug log. Returns a line for ``info()``.
+    """
+    global _cuda_libraries
+    if _cuda_libraries is not None:
+        return _cuda_libraries
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        _cuda_libraries = f"not preloaded: onnxruntime {ort.__version__} has no preload_dlls (>= 1.21); " + (
+            "torch was imported first" if "torch" in sys.modules else "only the loader's search path"
+        )
+        return _cuda_libraries
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        preload()
+    if printed.getvalue().strip():
+        log.debug("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
+    _cuda_libraries = "preloaded by onnxruntime.preload_dlls()"
+    return _cuda_libraries
 
 
 @register_runner
@@ -41,6 +89,11 @@ class OrtRunner(Runner):
       the saved file is specific to this machine's providers and ONNX Runtime version).
     - ``inter_op_threads``: threads running independent nodes in parallel (default: ONNX Runtime's).
     - ``sequential``: ``True`` (default) runs nodes one after another (the inter-op pool unused).
+    - ``tf32`` (CUDA): ``False`` (default) computes fp32 as fp32 (provider option ``use_tf32=0``); ``True``
+      lets the CUDA provider use TF32 for convolutions and matmuls (faster on Ampere and later, about 3
+      decimal digits per multiplication; the fp32 parity tolerances were not measured for it).
+    - ``cudnn_conv_algo_search`` (CUDA): one of :data:`CUDNN_CONV_ALGO_SEARCH` (default ``EXHAUSTIVE``, ONNX
+      Runtime's: every new input shape benchmarks cuDNN's algorithms once).
 
     ``threads`` sets the intra-op thread count (default: ONNX Runtime's, one per physical core).
     """
@@ -91,6 +144,7 @@ class OrtRunner(Runner):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[level]
+        _ = self.tf32  # a bad value is an error on every device, not only on CUDA
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
         if self.options.get("inter_op_threads") is not None:
@@ -124,17 +178,40 @@ class OrtRunner(Runner):
         self.model_config = _model_config(self.metadata)
 
     def _requested_providers(self, ort: Any) -> list[Any]:
-        if self.device == "cpu":
+        """Providers in order of preference; for CUDA with the options in :meth:`cuda_provider_options`."""
+        try:
+            kind, index = parse_device(self.device)
+        except UserError:
+            raise UserError(
+                f"runner 'onnx': unknown device {self.device!r}; expected cpu, cuda or cuda:N"
+            ) from None
+        if kind == "cpu":
             return ["CPUExecutionProvider"]
-        if self.device == "cuda" or self.device.startswith("cuda:"):
-            index = int(self.device.split(":", 1)[1]) if ":" in self.device else 0
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendUnavailable(
-                    f"device {self.device!r} needs ONNX Runtime's CUDA provider, which this onnxruntime build lacks "
-                    f"(available: {ort.get_available_providers()}); pip install onnxruntime-gpu, or use --device cpu"
-                )
-            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        raise UserError(f"runner 'onnx': unknown device {self.device!r}; expected cpu, cuda or cuda:N")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                f"device {self.device!r} needs ONNX Runtime's CUDA provider, which this onnxruntime build lacks "
+                f"(available: {ort.get_available_providers()}); pip install onnxruntime-gpu, or use --device cpu"
+            )
+        self.cuda_libraries = prepare_cuda_libraries(ort)
+        return [("CUDAExecutionProvider", self.cuda_provider_options(index or 0)), "CPUExecutionProvider"]
+
+    def cuda_provider_options(self, device_id: int) -> dict[str, str]:
+        """The CUDA provider options this runner asks for (strings, as ONNX Runtime takes them)."""
+        search = str(self.options.get("cudnn_conv_algo_search", "EXHAUSTIVE")).upper()
+        if search not in CUDNN_CONV_ALGO_SEARCH:
+            raise UserError(
+                f"cudnn_conv_algo_search: unknown value {search!r}; expected one of {list(CUDNN_CONV_ALGO_SEARCH)}"
+            )
+        return {
+            "device_id": str(device_id),
+            "use_tf32": "1" if self.tf32 else "0",
+            "cudnn_conv_algo_search": search,
+        }
+
+    @property
+    def tf32(self) -> bool:
+        """Whether TF32 was asked for (option ``tf32``; only the CUDA provider has it)."""
+        return _as_bool(self.options.get("tf32", False))
 
     def _check_signature(self) -> None:
         """The graph must be a cellseg-deploy single-graph export: one uint8 ``[H, W, 3]`` input, four outputs."""
@@ -192,6 +269,12 @@ class OrtRunner(Runner):
             "onnxruntime": str(ort.__version__),
             "graph_optimization": str(self.options.get("graph_optimization", "all")),
         }
+        if self.device != "cpu":
+            info["tf32"] = self.tf32
+            info["cuda_libraries"] = getattr(self, "cuda_libraries", None)
+            session = getattr(self, "session", None)
+            if session is not None:
+                info["provider_options"] = session.get_provider_options().get("CUDAExecutionProvider", {})
         meta = getattr(self, "metadata", {})
         for key in ("arch", "class_names", "source_sha256", "opset", "graph_sha256", "exported_at"):
             if key in meta:

@@ -128,3 +128,101 @@ def test_cuda_provider_matches_cpu(dense_export: ExportResult, cell_images: dict
         [a.boxes, a.labels, a.scores, a.mask_probs], [b.boxes, b.labels, b.scores, b.mask_probs]
     )
     assert cmp["ok"], cmp["reason"]
+
+
+_NO_TORCH_CUDA_RUN = """
+import json, sys
+import onnxruntime as ort
+
+calls = []
+real_preload = ort.preload_dlls
+real_session = ort.InferenceSession
+
+
+def maps():
+    with open("/proc/self/maps") as fh:
+        text = fh.read()
+    return {"cublasLt": "libcublasLt.so" in text, "cudnn": "libcudnn.so" in text}
+
+
+def recording_preload(*args, **kwargs):  # the real call, recorded
+    calls.append("preload_dlls")
+    return real_preload(*args, **kwargs)
+
+
+def recording_session(*args, **kwargs):  # the real session, with what was loaded when it was created
+    calls.append({"session": maps(), "providers": kwargs.get("providers")})
+    return real_session(*args, **kwargs)
+
+
+ort.preload_dlls = recording_preload
+ort.InferenceSession = recording_session
+from cellseg_deploy.errors import BackendUnavailable
+from cellseg_deploy.runners import create_runner
+
+result = {"outcome": "loaded"}
+try:
+    with create_runner("onnx", sys.argv[1], device="cuda") as runner:
+        result["info"] = {k: runner.info()[k] for k in ("providers", "cuda_libraries", "tf32")}
+except BackendUnavailable as exc:
+    result["outcome"] = str(exc)
+result.update(calls=calls, torch_imported="torch" in sys.modules)
+print(json.dumps(result, default=str))
+"""
+
+
+def test_cuda_runner_preloads_the_cuda_libraries_without_torch(dense_export: ExportResult) -> None:
+    """eval/predict create the ONNX Runtime session before anything imports torch: the runner itself must
+    make cuBLAS/cuDNN (pip nvidia-* packages) loadable, or the CUDA provider cannot load (issue 21.1)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_CUDA_RUN, str(dense_export.path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["torch_imported"] is False, "the onnx runner imported torch"
+    calls = result["calls"]
+    assert "preload_dlls" in calls, f"the runner never called onnxruntime.preload_dlls: {calls}"
+    session = next(c for c in calls if isinstance(c, dict))
+    assert calls.index("preload_dlls") < calls.index(session), calls
+    assert session["session"] == {"cublasLt": True, "cudnn": True}, session
+    # Without a GPU the CUDA provider still fails, but only for want of the driver, never of cuBLAS/cuDNN.
+    for line in out.stderr.splitlines():
+        if "Failed to load library" in line and "providers_cuda" in line:
+            assert "libcublas" not in line and "libcudnn" not in line, line
+    if result["outcome"] == "loaded":  # a GPU machine
+        assert result["info"]["providers"][0] == "CUDAExecutionProvider"
+        assert result["info"]["cuda_libraries"].startswith("preloaded")
+        assert result["info"]["tf32"] is False
+    else:
+        assert "CUDAExecutionProvider" in result["outcome"], result["outcome"]
+
+
+def test_cuda_provider_options_keep_fp32_unless_tf32_is_asked_for(dense_export: ExportResult) -> None:
+    """The CUDA provider's use_tf32 defaults to on; the fp32 runner asks for it off (issue 21.3)."""
+    import onnxruntime as ort
+
+    plain = OrtRunner(dense_export.path, device="cuda:1")
+    providers = plain._requested_providers(ort)
+    assert providers[0][0] == "CUDAExecutionProvider" and providers[-1] == "CPUExecutionProvider"
+    options = providers[0][1]
+    assert options["device_id"] == "1"
+    assert options["use_tf32"] == "0"
+    assert options["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    opted = OrtRunner(dense_export.path, device="cuda", options={"tf32": "true"})
+    assert opted._requested_providers(ort)[0][1] == {**options, "device_id": "0", "use_tf32": "1"}
+    with pytest.raises(UserError, match="expected true or false"):
+        OrtRunner(dense_export.path, device="cuda", options={"tf32": "maybe"})._requested_providers(ort)
+    with pytest.raises(UserError, match="cudnn_conv_algo_search"):
+        OrtRunner(
+            dense_export.path, device="cuda", options={"cudnn_conv_algo_search": "fast"}
+        )._requested_providers(ort)
