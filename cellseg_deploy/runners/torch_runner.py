@@ -1,8 +1,16 @@
-"""PyTorch eager runner: the reference every export is compared against."""
+"""PyTorch eager runner: the reference every export is compared against.
+
+On CUDA it computes fp32 in fp32: TF32 is off for its forward passes unless option ``tf32=true`` (PyTorch
+allows TF32 for cuDNN convolutions by default, and the fp32 parity tolerances are measured against true
+fp32). The device is always indexed (``cuda`` -> ``cuda:0``) and made current for loading and inference, so
+the CUDA work, the current stream and a CUDA-event timer all belong to the GPU asked for.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,6 +20,7 @@ from cellseg_deploy.errors import BackendUnavailable
 from cellseg_deploy.modeling.checkpoint import load_checkpoint
 from cellseg_deploy.modeling.raw import forward_raw
 from cellseg_deploy.runners.base import Runner
+from cellseg_deploy.runners.devices import device_name, tf32, tf32_state, torch_device
 from cellseg_deploy.runners.registry import register_runner
 from cellseg_deploy.structures import Detections
 
@@ -37,8 +46,13 @@ class TorchRunner(Runner):
     """PyTorch eager on a cellseg-deploy checkpoint (``.pt``); CPU or CUDA.
 
     Precisions: ``fp32``; ``bf16`` runs the network under ``torch.autocast`` (CPU bf16 or CUDA bf16);
-    ``fp16`` runs under CUDA autocast (CUDA only). Box decoding and NMS stay fp32 inside torchvision.
-    Options: ``max_batch`` (images per forward in :meth:`infer_batch`, default 4).
+    ``fp16`` runs under CUDA autocast (CUDA only). Anchors and box decoding stay fp32 under autocast (the
+    architectures' fp32 anchor generator and box coder, :mod:`cellseg_deploy.modeling.registry`); NMS too.
+    Options:
+
+    - ``max_batch``: images per forward in :meth:`infer_batch` (default 4).
+    - ``tf32`` (CUDA): ``False`` (default) turns TF32 off for cuBLAS and cuDNN during the forward passes;
+      ``True`` allows it (faster on Ampere and later, not what the fp32 tolerances were measured on).
     """
 
     name = "torch"
@@ -46,32 +60,57 @@ class TorchRunner(Runner):
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "fp16")
     model_suffixes: ClassVar[tuple[str, ...]] = (".pt", ".pth")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.torch_device = torch_device(self.device)
+        self.device = device_name(self.device)
+        self.tf32 = _as_bool(self.options.get("tf32", False), "tf32")
+
     def _load(self) -> None:
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable(
-                f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu"
-            )
-        if self.precision == "fp16" and not self.device.startswith("cuda"):
+        dev = self.torch_device
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailable(
+                    f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu"
+                )
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise BackendUnavailable(
+                    f"device {self.device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s) "
+                    "(indices from 0); pick another --device"
+                )
+        if self.precision == "fp16" and dev.type != "cuda":
             raise BackendUnavailable("torch fp16 runs on CUDA only; on the CPU use --precision bf16 or fp32")
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         self.checkpoint = load_checkpoint(self.model_path)
-        self.model = self.checkpoint.build_model().to(self.device)
+        with self._on_device():
+            self.model = self.checkpoint.build_model().to(dev)
 
     def _close(self) -> None:
         del self.model
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        if self.torch_device.type == "cuda":
+            with self._on_device():
+                torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """This runner's GPU as the current device (its current stream is what CUDA events record on)."""
+        if self.torch_device.type != "cuda":
+            yield
+            return
+        with torch.cuda.device(self.torch_device):
+            yield
 
     def _autocast(self) -> Any:
+        kind = self.torch_device.type
         if self.precision == "fp32":
-            return torch.autocast(device_type=self.device.split(":")[0], enabled=False)
+            return torch.autocast(device_type=kind, enabled=False)
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=dtype)
+        return torch.autocast(device_type=kind, dtype=dtype)
 
     def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
+        if self.torch_device.type == "cuda":
+            torch.cuda.synchronize(self.torch_device)
 
     def _infer(self, image: np.ndarray) -> Detections:
         return self._infer_batch([image])[0]
@@ -82,10 +121,10 @@ class TorchRunner(Runner):
         for start in range(0, len(images), max_batch):
             chunk = images[start : start + max_batch]
             t0 = time.perf_counter()
-            tensors = [torch.from_numpy(im).to(self.device) for im in chunk]
+            tensors = [torch.from_numpy(im).to(self.torch_device) for im in chunk]
             self._sync()
             t1 = time.perf_counter()
-            with torch.inference_mode(), self._autocast():
+            with self._on_device(), tf32(self.tf32), torch.inference_mode(), self._autocast():
                 outs = forward_raw(self.model, tensors)
             self._sync()
             t2 = time.perf_counter()
@@ -96,4 +135,24 @@ class TorchRunner(Runner):
         return results
 
     def _info(self) -> dict[str, Any]:
-        return {"arch": self.checkpoint.model_config.arch, "torch": str(torch.__version__)}
+        info: dict[str, Any] = {"arch": self.checkpoint.model_config.arch, "torch": str(torch.__version__)}
+        if self.torch_device.type == "cuda":
+            with tf32(self.tf32):  # what the forward passes run with
+                info.update(tf32=self.tf32, **tf32_state().as_info())
+            info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+            info["cudnn_deterministic"] = bool(torch.backends.cudnn.deterministic)
+            info["gpu"] = torch.cuda.get_device_name(self.torch_device)
+        return info
+
+
+def _as_bool(value: Any, key: str) -> bool:
+    """An option's boolean value (``true``/``false`` strings from ``--option`` too)."""
+    from cellseg_deploy.errors import UserError
+
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    return bool(value)
