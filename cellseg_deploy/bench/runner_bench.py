@@ -227,7 +227,7 @@ class _Pipeline:
         torch: Any = sys.modules.get("torch") if self.cuda else None
         if torch is not None:
             torch.cuda.reset_peak_memory_stats(self.device)
-        timer = CudaEventTimer() if self.events else None
+        timer = CudaEventTimer(self.device) if self.events else None
         self.sync()
         t0 = time.perf_counter()
         arrays = [self.read_image(p) for p in paths]

@@ -98,27 +98,43 @@ def time_calls(
 
 
 class CudaEventTimer:
-    """Device-side time of the work issued between :meth:`start` and :meth:`stop` on the current stream.
+    """Device-side time of the work issued between :meth:`start` and :meth:`stop` on one GPU's stream.
+
+    Args:
+        device: the GPU whose work is timed (``"cuda"`` means ``cuda:0``, ``"cuda:N"``, or a
+            ``torch.device``). The events record on that device's *current* stream, the one a runner that
+            made the device current (the ``torch`` runner does) issues its kernels on; recording on whatever
+            device happens to be current would time an idle GPU 0 while ``cuda:1`` works.
 
     Needs torch with CUDA. :meth:`elapsed_s` waits for the stop event, so call it after the timed region.
     The result excludes host work (Python, decode, post-processing) that overlaps the device work.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: Any = "cuda") -> None:
         import torch
 
+        from cellseg_deploy.runners.devices import torch_device
+
+        self.device = torch_device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"CudaEventTimer times a CUDA device, got {device!r}")
         if not torch.cuda.is_available():
             raise RuntimeError("CudaEventTimer needs a CUDA device")
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._stop = torch.cuda.Event(enable_timing=True)
+        self._torch = torch
+        with torch.cuda.device(self.device):  # events belong to the device current at their creation
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._stop = torch.cuda.Event(enable_timing=True)
+
+    def _stream(self) -> Any:
+        return self._torch.cuda.current_stream(self.device)
 
     def start(self) -> None:
-        """Record the start event on the current stream."""
-        self._start.record()
+        """Record the start event on the device's current stream."""
+        self._start.record(self._stream())
 
     def stop(self) -> None:
-        """Record the stop event on the current stream."""
-        self._stop.record()
+        """Record the stop event on the device's current stream."""
+        self._stop.record(self._stream())
 
     def elapsed_s(self) -> float:
         """Seconds of device time between the two events (waits for the stop event)."""
