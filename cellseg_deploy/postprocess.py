@@ -15,14 +15,16 @@ so time and memory grow with the number and size of cells, not with the image ar
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from cellseg_deploy import CLASS_NAMES
 from cellseg_deploy.data.rle import encode_crop
-from cellseg_deploy.errors import ConfigError
+from cellseg_deploy.errors import ConfigError, InvalidModelOutput
 from cellseg_deploy.structures import Detections, Instances
 
 
@@ -47,6 +49,70 @@ class PostprocessConfig:
             raise ConfigError(f"mask threshold must lie in [0, 1), got {self.mask_thresh}")
         if self.max_dets is not None and self.max_dets < 1:
             raise ConfigError(f"max detections must be at least 1, got {self.max_dets}")
+
+
+BOX_MARGIN_PX = 4.0
+"""How far (pixels) a box may reach outside the image and still be taken as a rounding artefact (clipped).
+
+torchvision clips boxes to the image before returning them, so a faithful runner's boxes lie inside it; a
+half-precision graph may round a coordinate at the border by up to a few pixels (fp16 steps are 2 px beyond
+2048). Anything further out is a broken model, not rounding."""
+
+SCORE_EPS = 1e-3
+"""Scores may exceed [0, 1] by this much (half-precision rounding of a sigmoid/softmax) and are clipped."""
+
+
+def validate_detections(det: Detections, num_classes: int = len(CLASS_NAMES)) -> Detections:
+    """Check a runner's raw output against the contract and return it with boxes and scores clipped.
+
+    Checked, in this order: finite boxes; ``x1 <= x2`` and ``y1 <= y2``; boxes within
+    :data:`BOX_MARGIN_PX` of the image (then clipped to ``[0, W] x [0, H]``); finite scores in ``[0, 1]``
+    (within :data:`SCORE_EPS`, then clipped); labels in ``1..num_classes``; finite mask probabilities.
+    The clipped arrays are new (the runner's own buffers are never modified).
+
+    Raises:
+        InvalidModelOutput: the first rule broken, with how many rows break it and the first such row.
+    """
+    n = len(det)
+    if n == 0:
+        return det
+    height, width = det.image_size
+    boxes = det.boxes.astype(np.float32, copy=False)
+    scores = det.scores.astype(np.float32, copy=False)
+
+    def fail(rows: np.ndarray, what: str, show: np.ndarray) -> None:
+        bad = np.flatnonzero(rows)
+        if len(bad):
+            first = int(bad[0])
+            value = np.array2string(np.asarray(show[first]), precision=2, separator=", ")
+            raise InvalidModelOutput(
+                f"{len(bad)} of {n} detections {what} (first: detection {first} = {value}); "
+                "the model file is broken or not a cellseg-deploy export"
+            )
+
+    fail(~np.isfinite(boxes).all(axis=1), "have non-finite boxes", boxes)
+    fail(
+        (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]),
+        "have inverted boxes (x2 < x1 or y2 < y1)",
+        boxes,
+    )
+    limit = np.array([width, height, width, height], np.float32)
+    outside = (boxes < -BOX_MARGIN_PX) | (boxes > limit + BOX_MARGIN_PX)
+    fail(outside.any(axis=1), f"have boxes outside the {width}x{height} image", boxes)
+    fail(~np.isfinite(scores), "have non-finite scores", scores)
+    fail((scores < -SCORE_EPS) | (scores > 1 + SCORE_EPS), "have scores outside [0, 1]", scores)
+    labels = det.labels
+    fail((labels < 1) | (labels > num_classes), f"have labels outside 1..{num_classes}", labels)
+    fail(
+        ~np.isfinite(det.mask_probs.reshape(n, -1)).all(axis=1),
+        "have non-finite mask probabilities",
+        np.zeros(n),
+    )
+    clipped = np.clip(boxes, 0.0, limit)
+    clipped_scores = np.clip(scores, 0.0, 1.0)
+    if np.array_equal(clipped, boxes) and np.array_equal(clipped_scores, scores):
+        return det
+    return dataclasses.replace(det, boxes=clipped, scores=clipped_scores)
 
 
 def select_detections(det: Detections, config: PostprocessConfig) -> np.ndarray:
@@ -97,10 +163,13 @@ def paste_mask(
 def postprocess(det: Detections, config: PostprocessConfig | None = None) -> Instances:
     """Raw detections -> instances with RLE masks at the original resolution.
 
-    The kept rows' mask probabilities (float32 ``[N, M, M]``, before pasting) travel along as
-    :attr:`Instances.mask_probs`, for parity. Adds ``"paste"`` and ``"rle"`` (seconds) to ``det.timings``.
+    The raw output is validated first (:func:`validate_detections`): a broken model raises
+    :class:`~cellseg_deploy.errors.InvalidModelOutput` before anything uses its numbers. The kept rows' mask
+    probabilities (float32 ``[N, M, M]``, before pasting) travel along as :attr:`Instances.mask_probs`, for
+    parity. Adds ``"paste"`` and ``"rle"`` (seconds) to the runner's ``det.timings``.
     """
     config = config or PostprocessConfig()
+    det = validate_detections(det)
     keep = select_detections(det, config)
     boxes = det.boxes[keep].astype(np.float32, copy=False)
     probs = det.mask_probs[keep].astype(np.float32, copy=False)  # a copy of the kept rows only

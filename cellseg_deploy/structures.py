@@ -42,7 +42,9 @@ class Detections:
             or len(self.scores) != n
             or len(self.mask_probs) != n
         ):
-            raise ValueError(
+            from cellseg_deploy.errors import InvalidModelOutput
+
+            raise InvalidModelOutput(
                 f"inconsistent detections: boxes {self.boxes.shape}, labels {self.labels.shape}, "
                 f"scores {self.scores.shape}, mask_probs {self.mask_probs.shape}"
             )

@@ -44,7 +44,7 @@ from cellseg_deploy.bench.models import EngineModel
 from cellseg_deploy.bench.stats import summarize
 from cellseg_deploy.bench.timing import CudaEventTimer, SyncFn, device_synchronizer
 from cellseg_deploy.bench.workload import Workload
-from cellseg_deploy.errors import ConfigError, UserError
+from cellseg_deploy.errors import ConfigError, UserError, naming_model_output
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
 from cellseg_deploy.runners import Runner, create_runner
 from cellseg_deploy.structures import Detections
@@ -241,7 +241,8 @@ class _Pipeline:
             timer.stop()
         self.sync()
         t2 = time.perf_counter()
-        insts = [postprocess(det, self.post) for det in dets]
+        with naming_model_output(model=self.runner.model_path, image=", ".join(p.name for p in paths)):
+            insts = [postprocess(det, self.post) for det in dets]
         t3 = time.perf_counter()
         stages, sub = _stage_times(dets, t1 - t0, t2 - t1, t3 - t0)
         return _Sample(
@@ -510,6 +511,25 @@ def _assemble(
     }
 
 
+def detections_differ(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Engines whose mean detections per image differ from the reference engine's (``torch``, else the
+    first): ``{engine: (its mean, the reference's mean)}``. Two engines that find different numbers of cells
+    do different work (the mask head, pasting and RLE run once per detection), so their latencies are not
+    a like-for-like comparison. A difference of half a detection per image or 1 % is tolerated (an
+    instance at the score threshold)."""
+    engines = result["engines"]
+    if not engines:
+        return {}
+    ref_name = "torch" if "torch" in engines else next(iter(engines))
+    ref = float(engines[ref_name]["detections_per_image"]["mean"])
+    out = {}
+    for name, e in engines.items():
+        mean = float(e["detections_per_image"]["mean"])
+        if name != ref_name and abs(mean - ref) > max(0.5, 0.01 * ref):
+            out[name] = (mean, ref)
+    return out
+
+
 def _warnings(result: dict[str, Any]) -> list[str]:
     out: list[str] = []
     cores = (
@@ -537,4 +557,17 @@ def _warnings(result: dict[str, Any]) -> list[str]:
             )
         if "error" in e["memory"]:
             out.append(f"memory probe for {name!r} failed: {e['memory']['error']}")
+    ref_name = "torch" if "torch" in result["engines"] else next(iter(result["engines"]), "")
+    for name, (mean, ref) in detections_differ(result).items():
+        out.append(
+            f"engine {name!r} returned {mean:.1f} detections per image against {ref:.1f} for {ref_name!r}: the "
+            "two do different amounts of work, so their speed ratio is not like for like (marked * in the table)"
+        )
+    for name, e in result["engines"].items():
+        provenance = (e.get("model") or {}).get("provenance")
+        if provenance in ("mismatch", "unverified"):
+            out.append(
+                f"engine {name!r} ran a --model-for file that was not shown to be exported from --model "
+                f"({provenance}, --allow-mismatch): it may be another model"
+            )
     return out

@@ -63,8 +63,11 @@ def instances_to_results(image_id: int, inst: Instances) -> list[dict[str, Any]]
         image_id: the image's id in the ground truth (``test_image_name_to_ids.json`` for the test set).
         inst: post-processed instances; masks as RLEs at the original ``H x W``.
 
+    Instances whose mask is empty (no pixel above the mask threshold) are left out: they can match nothing in
+    segm AP and are not cells; :func:`count_empty_masks` says how many there were.
+
     Returns:
-        One dict per instance, keys in the competition example's order: ``image_id`` (int), ``bbox``
+        One dict per non-empty instance, keys in the competition example's order: ``image_id`` (int), ``bbox``
         (the detector's box as ``[x, y, w, h]`` floats, pixels), ``score`` (float), ``category_id`` (int
         label 1..4), ``segmentation`` (``{"size": [H, W], "counts": str}``, compressed RLE). Plain Python
         types only, so the list is JSON-serialisable as is.
@@ -72,6 +75,8 @@ def instances_to_results(image_id: int, inst: Instances) -> list[dict[str, Any]]
     image_id = int(image_id)
     results = []
     for box, label, score, rle in zip(inst.boxes, inst.labels, inst.scores, inst.rles, strict=True):
+        if rle_area(rle) == 0:
+            continue
         results.append(
             {
                 "image_id": image_id,
@@ -85,6 +90,11 @@ def instances_to_results(image_id: int, inst: Instances) -> list[dict[str, Any]]
             }
         )
     return results
+
+
+def count_empty_masks(inst: Instances) -> int:
+    """How many of ``inst``'s masks are empty (left out of results by :func:`instances_to_results`)."""
+    return sum(1 for rle in inst.rles if rle_area(rle) == 0)
 
 
 def predictions_to_results(predictions: Mapping[int, Instances]) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from cellseg_deploy.data.coco import SPLITS
 from cellseg_deploy.data.layout import TEST_MAP_NAME as ID_MAP_NAME
-from cellseg_deploy.errors import DataError, UserError
+from cellseg_deploy.errors import DataError, UserError, naming_model_output
 from cellseg_deploy.evaluation.coco_eval import (
     DEFAULT_MAX_DETS,
     IOU_TYPES,
@@ -183,7 +183,8 @@ def run_dataset(
                 f"{path}: image is {image.shape[0]}x{image.shape[1]} but its ground truth says "
                 f"{expected[0]}x{expected[1]}; the dataset and its annotations disagree"
             )
-        predictions[int(entry["id"])] = runner.predict(image, post)
+        with naming_model_output(model=runner.model_path, image=path):
+            predictions[int(entry["id"])] = runner.predict(image, post)
     return gt, predictions
 
 
@@ -497,7 +498,8 @@ def predict_folder(
                 raise DataError(f"{entry.path}: {reason} (stopped by --strict)") from exc
             failed.append((entry.path.name, reason))
             continue
-        inst = runner.predict(image, post)
+        with naming_model_output(model=runner.model_path, image=entry.path):
+            inst = runner.predict(image, post)
         results.extend(instances_to_results(entry.image_id, inst))
         num_predicted += 1
         if overlays is not None:
