@@ -39,6 +39,7 @@ class BenchRequest:
     Attributes:
         settings: how to measure (engines, warm-up, iterations, device, threads, ...).
         checkpoint: ``--model``; ``model_for``: ``--model-for``; ``untrained``: ``--untrained ARCH``.
+        allow_mismatch: benchmark ``model_for`` files not exported from ``checkpoint`` (marked in the table).
         untrained_min_size: the untrained model's input size (short side, px).
         data: a dataset root or image folder (``--data``); ``limit``: at most this many of its images.
         imgsz / cells / images / seed: the synthetic workload (square side px, cells per image, image count).
@@ -49,6 +50,7 @@ class BenchRequest:
     settings: BenchSettings
     checkpoint: Path | None = None
     model_for: dict[str, Path] = field(default_factory=dict)
+    allow_mismatch: bool = False
     untrained: str | None = None
     untrained_min_size: int = 512
     data: Path | None = None
@@ -119,6 +121,7 @@ def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[st
                 model_for=request.model_for,
                 cache_dir=request.cache_dir,
                 on_export=log,
+                allow_mismatch=request.allow_mismatch,
             ),
         )
         return lambda _cells: models

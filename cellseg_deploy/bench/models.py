@@ -3,7 +3,11 @@
 Each runner declares the files it reads (:attr:`Runner.model_suffixes`). :func:`resolve_engine_models` maps
 every engine (``runner`` or ``runner:precision``) to exactly one file:
 
-1. an explicit file (``--model-for ENGINE=PATH``), checked by the runner (one-line error when it does not fit);
+1. an explicit file (``--model-for ENGINE=PATH``), checked by the runner (one-line error when it does not fit)
+   and, when there is a checkpoint to compare with, checked to have been exported from it: the provenance
+   every export records (:func:`recorded_source`) must name the checkpoint's SHA-256, else the benchmark
+   would time two different models against each other; ``allow_mismatch`` (``--allow-mismatch``) benchmarks
+   such a file anyway and marks it in the table;
 2. else the checkpoint (``--model CKPT``) when the runner reads checkpoints (``.pt``);
 3. else a file exported from the checkpoint into a cache folder, when an exporter for that kind of file is
    known (:data:`EXPORTERS`: the single ONNX graph, the stage folder that ``staged-onnx`` reads and from
@@ -84,6 +88,9 @@ class EngineModel:
             from the checkpoint, see :attr:`note`).
         sha256: SHA-256 of the file (``None`` for a folder).
         note: how it was obtained, for the report.
+        provenance: for a given file, whether it was exported from the benchmark's checkpoint:
+            ``"verified"``, ``"mismatch"`` or ``"unverified"`` (no source recorded; both only with
+            ``allow_mismatch``); ``""`` when there was nothing to compare with.
     """
 
     engine: str
@@ -91,6 +98,7 @@ class EngineModel:
     source: str
     sha256: str | None
     note: str = ""
+    provenance: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON."""
@@ -121,6 +129,79 @@ def _describe(suffixes: tuple[str, ...]) -> str:
     return " or ".join("a folder" if s == "/" else f"a {s} file" for s in suffixes) or "a model file"
 
 
+def recorded_source(path: Path) -> str | None:
+    """SHA-256 of the checkpoint that ``path`` records it was made from; ``None`` when it records none.
+
+    A checkpoint (``.pt``) is its own source. ONNX files carry it in their metadata (``source_sha256``), an
+    OpenVINO IR keeps the ONNX file's metadata under ``rt_info["framework"]``, a stage folder's
+    ``manifest.json`` under ``checkpoint.sha256`` and an engine manifest as ``checkpoint_sha256``.
+    """
+    import json
+
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix in CHECKPOINT_SUFFIXES:
+        return sha256_file(path)
+    if path.is_file() and suffix == ".onnx":
+        from cellseg_deploy.export.metadata import read_onnx_metadata
+
+        value = read_onnx_metadata(path).get("source_sha256")
+        return str(value) if value else None
+    if path.is_file() and suffix == ".xml":
+        return _openvino_source(path)
+    manifest_path = path / "manifest.json" if path.is_dir() else path
+    if path.is_dir() and not manifest_path.is_file():
+        manifest_path = path / "engines.json"
+    if manifest_path.is_file() and manifest_path.suffix.lower() == ".json":
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(manifest, dict):
+            ckpt = manifest.get("checkpoint")
+            value = ckpt.get("sha256") if isinstance(ckpt, dict) else manifest.get("checkpoint_sha256")
+            return str(value) if value else None
+    return None
+
+
+def _openvino_source(path: Path) -> str | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    from cellseg_deploy.runners.openvino_runner import read_provenance
+
+    try:
+        value = read_provenance(ov.Core().read_model(str(path))).get("source_sha256")
+    except RuntimeError:
+        return None
+    return str(value) if value else None
+
+
+def check_provenance(
+    engine: str, path: Path, checkpoint: Path, checkpoint_sha: str, allow_mismatch: bool
+) -> str:
+    """``"verified"`` when ``path`` was exported from ``checkpoint``; otherwise ``"mismatch"`` /
+    ``"unverified"`` with ``allow_mismatch``, else a one-line :class:`UserError` saying how to fix it."""
+    source = recorded_source(path)
+    if source == checkpoint_sha:
+        return "verified"
+    if allow_mismatch:
+        log.warning(
+            "--model-for %s=%s was not exported from %s: benchmarked anyway", engine, path, checkpoint
+        )
+        return "mismatch" if source else "unverified"
+    what = (
+        f"was exported from another checkpoint (SHA-256 {source[:12]}...)"
+        if source
+        else "records no source checkpoint"
+    )
+    raise UserError(
+        f"--model-for {engine}={path} {what}, not from --model {checkpoint} ({checkpoint_sha[:12]}...): the "
+        "benchmark would compare two different models; export it from the checkpoint (or drop --model-for), "
+        "or pass --allow-mismatch to benchmark it anyway"
+    )
+
+
 def check_checkpoint_path(checkpoint: Path) -> None:
     """Raise :class:`ModelFileError` unless ``checkpoint`` is an existing ``.pt``/``.pth`` file."""
     if checkpoint.suffix.lower() not in CHECKPOINT_SUFFIXES:
@@ -139,6 +220,7 @@ def resolve_engine_models(
     cache_dir: Path | None = None,
     exporters: tuple[Exporter, ...] = EXPORTERS,
     on_export: Callable[[str], None] | None = None,
+    allow_mismatch: bool = False,
 ) -> dict[str, EngineModel]:
     """Map every engine to the model file it reads (see the module docstring for the order of choice).
 
@@ -149,10 +231,13 @@ def resolve_engine_models(
         cache_dir: where exported files go (``<cache_dir>/<checkpoint sha256[:16]>/<filename>``); required
             only when something must be exported.
         on_export: called with a one-line message each time a file is exported or reused from the cache.
+        allow_mismatch: benchmark ``model_for`` files that were not exported from ``checkpoint`` (marked
+            in :attr:`EngineModel.provenance`) instead of refusing them.
 
     Raises:
         ModelFileError: a file that does not exist or does not fit its engine, or an engine left without one.
-        UserError: ``model_for`` names an engine that is not benchmarked.
+        UserError: ``model_for`` names an engine that is not benchmarked, or a file that was not exported
+            from ``checkpoint`` (without ``allow_mismatch``).
     """
     model_for = dict(model_for or {})
     extra = sorted(set(model_for) - set(engines) - {e.partition(":")[0] for e in engines})
@@ -171,7 +256,13 @@ def resolve_engine_models(
         if engine in model_for or runner in model_for:
             path = model_for[engine] if engine in model_for else model_for[runner]
             cls.check_model_path(path)
-            out[engine] = EngineModel(engine, path, "given", _file_sha(path), "given with --model-for")
+            provenance = ""
+            if checkpoint is not None:
+                ckpt_sha = ckpt_sha or sha256_file(checkpoint)
+                provenance = check_provenance(engine, path, checkpoint, ckpt_sha, allow_mismatch)
+            out[engine] = EngineModel(
+                engine, path, "given", _file_sha(path), "given with --model-for", provenance
+            )
             continue
         if checkpoint is not None and any(s in suffixes for s in CHECKPOINT_SUFFIXES):
             cls.check_model_path(checkpoint)

@@ -58,17 +58,30 @@ def _num(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+PROVENANCE_MARKS = {"mismatch": " [other model]", "unverified": " [unverified model]"}
+"""Marks after an engine's name whose ``--model-for`` file was not shown to come from ``--model``."""
+
+
 def main_rows(result: dict[str, Any]) -> list[list[Any]]:
-    """One row per engine: latency statistics, throughput, speed-up over torch, detections and memory."""
+    """One row per engine: latency statistics, throughput, speed-up over torch, detections and memory.
+
+    An engine whose model was benchmarked with ``--allow-mismatch`` is marked after its name; detections per
+    image that differ from the reference's (:func:`~cellseg_deploy.bench.runner_bench.detections_differ`)
+    carry a ``*``."""
+    from cellseg_deploy.bench.runner_bench import detections_differ
+
+    differ = detections_differ(result)
     rows = []
     for name, e in result["engines"].items():
         lat = e["latency"]
         sp = e.get("speedup_vs_torch")
         mem = e.get("memory") or {}
         info = e.get("info") or {}
+        mark = PROVENANCE_MARKS.get((e.get("model") or {}).get("provenance", ""), "")
+        dets = _num(e["detections_per_image"]["mean"], 1) + (" *" if name in differ else "")
         rows.append(
             [
-                name,
+                name + mark,
                 info.get("device", "?"),
                 info.get("precision", "?"),
                 _num(info.get("threads")),
@@ -82,7 +95,7 @@ def main_rows(result: dict[str, Any]) -> list[list[Any]]:
                 _num(lat["max_ms"]),
                 _num(lat["throughput_ips"]),
                 _num(sp["mean"]) if sp and sp.get("mean") is not None else "n/a",
-                _num(e["detections_per_image"]["mean"], 1),
+                dets,
                 _num(mem.get("peak_rss_mb"), 1),
                 _num(mem.get("peak_over_baseline_mb"), 1),
             ]
@@ -198,7 +211,12 @@ def _model_lines(result: dict[str, Any]) -> list[str]:
     out = []
     for name, e in result["engines"].items():
         m = e["model"]
-        out.append(f"model {name}: {m['path']} ({m['source']}: {m['note']})")
+        checked = {
+            "verified": "; exported from --model (provenance checked)",
+            "mismatch": "; NOT exported from --model (--allow-mismatch)",
+            "unverified": "; records no source checkpoint (--allow-mismatch)",
+        }.get(m.get("provenance", ""), "")
+        out.append(f"model {name}: {m['path']} ({m['source']}: {m['note']}{checked})")
     return out
 
 

@@ -30,7 +30,13 @@ from cellseg_deploy.cli.common import json_option, write_json_result
     "model_for",
     multiple=True,
     metavar="ENGINE=PATH",
-    help="The model file of one engine (repeatable), e.g. onnx=models/tiny.onnx.",
+    help="The model file of one engine (repeatable), e.g. onnx=models/tiny.onnx; it must have been exported "
+    "from --model (checked from its recorded provenance).",
+)
+@click.option(
+    "--allow-mismatch",
+    is_flag=True,
+    help="Benchmark --model-for files that were not exported from --model (marked in the table).",
 )
 @click.option(
     "--untrained",
@@ -118,6 +124,7 @@ def bench(
     engine_spec: str,
     checkpoint: Path | None,
     model_for: tuple[str, ...],
+    allow_mismatch: bool,
     untrained: str | None,
     data: Path | None,
     limit: int | None,
@@ -183,6 +190,7 @@ def bench(
         settings=settings,
         checkpoint=checkpoint,
         model_for=parse_model_for(model_for),
+        allow_mismatch=allow_mismatch,
         untrained=untrained,
         data=data,
         limit=limit,

@@ -12,6 +12,7 @@ import click
 
 from cellseg_deploy.cli.common import json_option, write_json_result
 from cellseg_deploy.errors import CheckFailed
+from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
 
 
 @click.command("parity")
@@ -65,7 +66,7 @@ from cellseg_deploy.errors import CheckFailed
     "tols",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Override one limit of the profile, e.g. --tol max_box_diff=1.0 --tol min_ap50_vs_ref=0.97 (repeatable).",
+    help="Override one limit of the profile, e.g. --tol max_box_diff=1.0 --tol min_agreement=0.97 (repeatable).",
 )
 @click.option(
     "--score-thresh",
@@ -80,6 +81,13 @@ from cellseg_deploy.errors import CheckFailed
     default=0.5,
     show_default=True,
     help="Mask IoU a same-class pair needs to count as the same instance.",
+)
+@click.option(
+    "--min-instances",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MIN_INSTANCES,
+    show_default=True,
+    help="Fewest instances scoring >= --score-thresh (both sides together) a verdict may rest on; fewer fail.",
 )
 @click.option(
     "--device", default="cpu", show_default=True, help="Device of both runners: cpu, cuda or cuda:N."
@@ -116,6 +124,7 @@ def parity_cmd(
     tols: tuple[str, ...],
     score_thresh: float,
     min_iou: float,
+    min_instances: int,
     device: str,
     candidate_device: str | None,
     candidate_precision: str | None,
@@ -129,14 +138,15 @@ def parity_cmd(
 
     Instances are matched by class and mask IoU (optimal assignment, against the other side's full list, so a
     score crossing the threshold is a score difference, not a miss); the table gives matched, missed and extra
-    instances, box, score and mask IoU differences and the candidate's AP50 against the reference's
-    predictions, then each check of the tolerance profile. Exit 1 when a check fails.
+    instances, box, score and mask IoU differences and the agreement (F1 of the matching, 1.0 for identical
+    instances), then each check of the tolerance profile with the number of instances behind it. Exit 1 when
+    a check fails or when fewer than --min-instances instances were compared.
 
     \b
     Examples:
         cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.onnx --data data/hw3 --images 20
         cellseg-deploy parity runs/r50/best.pt --candidate models/r50-trt/engines.json --engine trt \\
-            --device cuda --profile fp16 --tol max_box_diff=6 --json parity.json
+            --data data/hw3 --device cuda --profile fp16 --tol max_box_diff=6 --json parity.json
     """
     from cellseg_deploy.evaluation.parity import parse_tolerances, run_parity
 
@@ -159,6 +169,7 @@ def parity_cmd(
         val_fraction=val_fraction,
         seed=seed,
         progress=progress,
+        min_instances=min_instances,
     )
     click.echo(report.table())
     write_json_result(json_path, report.to_dict())

@@ -148,7 +148,7 @@ class OpenVINORunner(Runner):
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with multi-line messages
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ModelFileError(f"OpenVINO cannot read {self.model_path}: {first}") from exc
-        self.metadata = _read_metadata(model)
+        self.metadata = read_provenance(model)
         self._check_signature(model)
         self.repaired_branches = repair_empty_branches(model)
         hint = self._check_quantisation(model, capabilities)
@@ -298,7 +298,7 @@ class OpenVINORunner(Runner):
         return info
 
 
-def _read_metadata(model: Any) -> dict[str, Any]:
+def read_provenance(model: Any) -> dict[str, Any]:
     """The provenance stored in the ONNX file's ``metadata_props``, which OpenVINO keeps under
     ``rt_info["framework"]`` (also in an IR saved from the ONNX model); ``{}`` when there is none."""
     from cellseg_deploy.export.metadata import decode_props

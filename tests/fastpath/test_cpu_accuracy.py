@@ -101,3 +101,19 @@ def test_verdict_needs_every_fast_path_within_and_parity_passed() -> None:
     assert not cpu_accuracy.passed({"a": good, "b": far})
     parity_failed = _case([("torch", 0.0, None), ("openvino:bf16", 0.0, False)])
     assert not cpu_accuracy.passed({"a": parity_failed})
+    nothing_judged = {"rows": [{"engine": "openvino:int8", "within": None, "parity": None}]}
+    assert not cpu_accuracy.passed({"a": nothing_judged}), "a fast path that judged nothing does not pass"
+    ap_not_judged = {"rows": [{"engine": "openvino:int8", "within": None, "parity": True}]}
+    assert cpu_accuracy.passed({"a": ap_not_judged})
+
+
+def test_the_ap50_limit_is_judged_only_with_enough_ground_truth() -> None:
+    def result(cells: int) -> dict:
+        ev = {"metrics": {"segm": {"AP50": 0.5, "AP": 0.3, "num_detections": 9}}, "info": {"seconds": 1.0}}
+        far = {**ev, "metrics": {"segm": {**ev["metrics"]["segm"], "AP50": 0.53}}}
+        return {"eval": {"torch": {**ev, "num_gt": {"1": cells}}, "openvino:int8": far}, "parity": {}}
+
+    few = {r["engine"]: r for r in cpu_accuracy.case_rows(result(40), 0.01)}
+    assert few["openvino:int8"]["within"] is None and few["openvino:int8"]["n_gt"] == 40
+    many = {r["engine"]: r for r in cpu_accuracy.case_rows(result(200), 0.01)}
+    assert many["openvino:int8"]["within"] is False

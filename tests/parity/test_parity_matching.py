@@ -52,7 +52,7 @@ def test_identical_instances_match_perfectly() -> None:
     assert (p.n_ref, p.matched, p.missed, p.extra, p.strong_matched) == (4, 4, 0, 0, 4)
     s = p.summary()
     assert s["max_box_diff"] == 0.0 and s["min_iou"] == 1.0 and s["max_score_diff"] == 0.0
-    assert p.ap50_vs_ref == pytest.approx(1.0)
+    assert s["agreement"] == 1.0
 
 
 def test_score_crossing_the_threshold_is_a_score_difference_not_a_miss() -> None:
@@ -74,7 +74,7 @@ def test_missing_and_extra_and_class_change_are_counted() -> None:
     assert p.missed == 2
     assert p.extra == 2
     assert p.class_changed == 1
-    assert p.ap50_vs_ref is not None and p.ap50_vs_ref < 0.75
+    assert p.summary()["agreement"] == pytest.approx(2 * 2 / (2 * 2 + 2 + 2))
 
 
 def test_assignment_is_optimal_not_greedy() -> None:
@@ -93,7 +93,7 @@ def test_boxes_keep_detections_paired_when_masks_are_ambiguous() -> None:
     ref = make([(0, 0, 20, 10), (8, 0, 28, 10)], [0.9, 0.6])
     cand = make([(8, 0, 20, 10), (8, 0, 20, 10)], [0.6, 0.9])
     cand.boxes[:] = ref.boxes  # the detector's boxes are unchanged: only the masks are wrong
-    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    p = compare_instances(ref, cand, score_thresh=0.5)
     assert p.matched == 2 and p.summary()["max_box_diff"] == 0.0  # paired by detection, not crossed
     assert p.summary()["max_score_diff"] == pytest.approx(0.3) and p.summary()["mean_iou"] == pytest.approx(
         0.6
@@ -108,7 +108,7 @@ def test_empty_masks_of_the_same_detection_match_by_box() -> None:
     cand = Instances(
         boxes[::-1].copy(), np.array([1, 1]), np.array([0.8, 0.9], np.float32), [empty, empty], (H, W)
     )
-    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    p = compare_instances(ref, cand, score_thresh=0.5)
     assert (p.matched, p.missed, p.extra) == (2, 0, 0)
     assert (
         p.summary()["max_box_diff"] == 0.0 and p.summary()["max_score_diff"] == 0.0
@@ -119,7 +119,7 @@ def test_empty_images() -> None:
     empty = make([], [])
     p = compare_instances(empty, empty, score_thresh=0.5)
     assert (p.n_ref, p.matched, p.missed, p.extra) == (0, 0, 0, 0)
-    assert p.ap50_vs_ref is None
+    assert p.summary()["agreement"] is None
     p = compare_instances(empty, make(CELLS[:1], [0.9]), score_thresh=0.5)
     assert p.extra == 1
 
@@ -128,7 +128,7 @@ def test_verdict_names_what_differed() -> None:
     ref = {i: make(CELLS, [0.9, 0.8, 0.7, 0.6]) for i in (1, 2)}
     shifted = [(x0 + 2, y0, x1 + 2, y1) for x0, y0, x1, y1 in CELLS]
     cand = {1: ref[1], 2: make(shifted, [0.9, 0.8, 0.7, 0.6])}
-    report = compare_runs(ref, cand, profile=PROFILES["fp32"], names={1: "a", 2: "b"})
+    report = compare_runs(ref, cand, profile=PROFILES["fp32"], names={1: "a", 2: "b"}, min_instances=16)
     assert not report.passed
     text = "\n".join(report.failures)
     assert "max_box_diff = 2.0000" in text and "worst image b" in text
@@ -143,10 +143,10 @@ def test_verdict_names_what_differed() -> None:
             "min_mask_iou_mean": 0.5,
             "min_mask_iou_p1": 0.5,
             "min_strong_match_frac": 0.5,
-            "min_ap50_vs_ref": 0.5,
+            "min_agreement": 0.5,
         },
     )
-    report = compare_runs(ref, cand, profile=loose)
+    report = compare_runs(ref, cand, profile=loose, min_instances=16)
     assert report.passed, report.failures
     assert report.to_dict()["overall"]["matched"] == 8
 
@@ -156,7 +156,7 @@ def test_profiles_get_looser_with_lower_precision() -> None:
     for a, b in itertools.pairwise(order):
         pa, pb = PROFILES[a], PROFILES[b]
         assert pb.max_box_diff >= pa.max_box_diff and pb.max_missed_frac >= pa.max_missed_frac
-        assert pb.min_mask_iou_mean <= pa.min_mask_iou_mean and pb.min_ap50_vs_ref <= pa.min_ap50_vs_ref
+        assert pb.min_mask_iou_mean <= pa.min_mask_iou_mean and pb.min_agreement <= pa.min_agreement
         assert pb.max_mask_prob_diff_p99 >= pa.max_mask_prob_diff_p99
     # fp32 as the exporter's own check on raw outputs; far below logits scaled by 2 (0.150 on every pair).
     assert PROFILES["fp32"].max_mask_prob_diff_p99 == 0.01 and PROFILES["fp16"].max_mask_prob_diff_p99 < 0.15
@@ -208,7 +208,7 @@ def test_mask_probability_differences_of_matched_pairs() -> None:
     ref = with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref)
     order = np.array([2, 0, 3, 1])  # the candidate lists the same cells in another order
     cand = with_probs(make([CELLS[i] for i in order], [0.7, 0.9, 0.6, 0.8]), p_cand[order])
-    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    p = compare_instances(ref, cand, score_thresh=0.5)
     assert p.matched == 4 and p.mask_probs_skipped == ""
     assert p.mask_prob_diffs is not None
     # Per pair (in reference order), the largest |p_ref - p_cand| over the 28 x 28 map: the pairs follow the
@@ -227,7 +227,7 @@ def test_mask_probability_difference_fails_the_verdict_alone() -> None:
         1: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref.copy()),
         2: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_cand),
     }
-    report = compare_runs(ref, cand, profile=PROFILES["fp32"], names={1: "a", 2: "b"})
+    report = compare_runs(ref, cand, profile=PROFILES["fp32"], names={1: "a", 2: "b"}, min_instances=16)
     o = report.overall
     assert o["mask_prob_pairs"] == 8 and o["mask_probs_skipped"] is None
     assert o["max_mask_prob_diff"] == pytest.approx(0.2, abs=1e-6)
@@ -238,9 +238,9 @@ def test_mask_probability_difference_fails_the_verdict_alone() -> None:
     assert "worst image b (0.2000)" in report.failures[0] and "limit <= 0.01" in report.failures[0]
     assert "prob p99" in report.table() and report.to_dict()["images"][1]["max_mask_prob_diff"] > 0.19
     # Within the limit: passes.
-    assert compare_runs(ref, cand, profile=get_profile("fp32", {"max_mask_prob_diff_p99": 0.2})).passed
+    assert compare_runs(ref, cand, profile=get_profile("fp32", {"max_mask_prob_diff_p99": 0.2}), min_instances=1).passed
     small = {i: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref + 0.004) for i in (1, 2)}
-    assert compare_runs(ref, small, profile=PROFILES["fp32"]).passed
+    assert compare_runs(ref, small, profile=PROFILES["fp32"], min_instances=1).passed
 
 
 @pytest.mark.parametrize(
@@ -260,17 +260,17 @@ def test_mask_probability_check_is_skipped_and_said_when_unavailable(
     cand = make(CELLS, [0.9, 0.8, 0.7, 0.6])
     ref.mask_probs = p_ref if ref_probs else None
     cand.mask_probs = p_cand[:, :14, :14] if cand_probs == 14 else (p_cand if cand_probs else None)
-    p = compare_instances(ref, cand, score_thresh=0.5, with_ap50=False)
+    p = compare_instances(ref, cand, score_thresh=0.5)
     assert p.mask_prob_diffs is None and reason in p.mask_probs_skipped
     assert p.summary()["p99_mask_prob_diff"] is None and reason in p.summary()["mask_probs_skipped"]
 
-    report = compare_runs({1: ref}, {1: cand}, profile=PROFILES["fp32"])
+    report = compare_runs({1: ref}, {1: cand}, profile=PROFILES["fp32"], min_instances=1)
     assert report.passed, report.failures  # not a failure ...
     assert report.overall["p99_mask_prob_diff"] is None and report.overall["mask_prob_pairs"] == 0
     assert reason in report.overall["mask_probs_skipped"]
     # ... and not silent: the check's row says n/a, a note says why, in the table and the JSON.
     row = next(r for r in report.checks() if r[0] == "p99_mask_prob_diff")
-    assert row[1] == "-" and row[3] == "n/a"
+    assert row[1] == "-" and row[4] == "n/a"
     note = next(n for n in report.notes() if "mask probabilities not compared" in n)
     assert reason in note and "check p99_mask_prob_diff skipped" in note
     assert note in report.table() and note in report.to_dict()["notes"]
@@ -292,3 +292,80 @@ def test_postprocess_keeps_the_kept_rows_mask_probabilities() -> None:
     picked = inst.select(np.array([False, True])).mask_probs
     assert picked is not None and picked.tolist() == probs[[2], 0].tolist()  # select() carries them
     assert make(CELLS, [0.9] * 4).select(np.array([0, 1])).mask_probs is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Agreement, evidence and the AP gate's instance count
+# ----------------------------------------------------------------------------------------------------------
+
+
+def crowded() -> Instances:
+    """What an untrained model returns on touching cells: overlapping same-class detections (one pair nested,
+    one pair half-overlapping), exact duplicates, empty masks (one with a degenerate box), scores on both
+    sides of any threshold."""
+    spans = [(2, 2, 12, 12), (4, 4, 10, 10), (6, 2, 16, 12), (6, 2, 16, 12), (20, 5, 30, 15), (40, 20, 55, 35)]
+    inst = make(spans, [0.95, 0.9, 0.6, 0.6, 0.3, 0.08], labels=[1, 1, 1, 1, 2, 1])
+    empty = encode_mask(np.zeros((H, W), bool))
+    boxes = np.concatenate([inst.boxes, np.array([[30, 30, 30, 36], [50, 2, 58, 9]], np.float32)])
+    return Instances(
+        boxes=boxes,
+        labels=np.concatenate([inst.labels, [1, 3]]),
+        scores=np.concatenate([inst.scores, np.array([0.7, 0.06], np.float32)]),
+        rles=[*inst.rles, empty, empty],
+        image_size=(H, W),
+    )
+
+
+@pytest.mark.parametrize("score_thresh", [0.0, 0.05, 0.5, 0.9])
+def test_identical_runs_agree_exactly_whatever_they_contain(score_thresh: float) -> None:
+    runs = {i: crowded() for i in range(4)}
+    report = compare_runs(runs, runs, profile=PROFILES["fp32"], score_thresh=score_thresh, min_instances=1)
+    o = report.overall
+    assert report.passed, report.failures
+    assert o["agreement"] == 1.0 and o["missed"] == 0 and o["extra"] == 0
+    assert o["matched"] == sum(int((r.scores >= score_thresh).sum()) for r in runs.values())
+    assert o["max_box_diff"] == 0.0 and o["min_iou"] == 1.0
+
+
+def test_one_instance_removed_lowers_the_agreement_and_fails() -> None:
+    ref = {i: crowded() for i in range(4)}
+    cand = dict(ref)
+    cand[2] = ref[2].select(np.arange(len(ref[2])) != 0)  # the best-scoring cell of one image is gone
+    report = compare_runs(ref, cand, profile=PROFILES["fp32"], score_thresh=0.5, min_instances=1)
+    o = report.overall
+    assert o["missed"] == 1 and o["agreement"] == pytest.approx(2 * o["matched"] / (2 * o["matched"] + 1))
+    assert o["agreement"] < PROFILES["fp32"].min_agreement
+    assert any(f.startswith("agreement = ") for f in report.failures), report.failures
+    assert not report.passed
+
+
+def test_nothing_compared_is_a_failure_in_one_line() -> None:
+    runs = {i: crowded() for i in range(3)}
+    report = compare_runs(runs, runs, profile=PROFILES["fp32"], score_thresh=0.99)
+    assert not report.passed
+    assert report.failures[0].startswith("nothing was compared: no instance of either side scoring >= 0.99")
+    assert "\n" not in report.failures[0]
+    assert report.to_dict()["passed"] is False and "PASSED" not in report.table()
+
+
+def test_too_little_evidence_fails_and_the_checks_count_their_instances() -> None:
+    runs = {i: crowded() for i in range(2)}  # 3 instances >= 0.65 per image and side: 12 in all
+    report = compare_runs(runs, runs, profile=PROFILES["fp32"], score_thresh=0.65)
+    assert len(report.failures) == 1 and report.failures[0].startswith("too little evidence: 12 instance(s)")
+    assert compare_runs(runs, runs, profile=PROFILES["fp32"], score_thresh=0.65, min_instances=12).passed
+    checks = {c["key"]: c for c in report.to_dict()["checks"]}
+    assert checks["missed_frac"]["n"] == 6 and checks["agreement"]["n"] == 6 and checks["mean_iou"]["n"] == 6
+    assert checks["agreement"]["value"] == 1.0 and checks["agreement"]["judged"]
+
+
+def test_the_ap_gate_needs_enough_ground_truth() -> None:
+    from cellseg_deploy.evaluation.parity import evaluate_checks, min_gt_for_ap_gate
+
+    assert [min_gt_for_ap_gate(t) for t in (0.015, 0.01, 0.002)] == [134, 200, 1000]
+    overall = compare_runs({1: crowded()}, {1: crowded()}, profile=PROFILES["int8"], min_instances=1).overall
+    few = {"reference": 0.55, "candidate": 0.59, "diff": 0.04, "n_gt": 40}
+    gate = next(c for c in evaluate_checks(overall, few, PROFILES["int8"]) if c.key == "ap50_gt_diff")
+    assert gate.ok and gate.n == 40 and "only 40 ground-truth instances" in gate.skipped and "134" in gate.skipped
+    enough = {**few, "n_gt": 134}
+    gate = next(c for c in evaluate_checks(overall, enough, PROFILES["int8"]) if c.key == "ap50_gt_diff")
+    assert not gate.ok and not gate.skipped

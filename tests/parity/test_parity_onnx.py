@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from parity_helpers import ParityModel
 
@@ -36,7 +37,7 @@ def test_onnx_runtime_matches_pytorch_fp32(parity_model: ParityModel, parity_onn
     gt = report.ap50_gt
     assert gt["reference"] is not None and gt["candidate"] is not None
     assert abs(gt["candidate"] - gt["reference"]) <= 0.002
-    assert o["ap50_vs_ref"] is not None and o["ap50_vs_ref"] >= 0.99
+    assert o["agreement"] is not None and o["agreement"] >= 0.99
     # The mask head's probabilities agree too (rounding noise, ~1e-5), on every matched pair.
     assert o["mask_prob_pairs"] == o["matched"] and o["mask_probs_skipped"] is None
     assert o["p99_mask_prob_diff"] is not None and o["p99_mask_prob_diff"] < 1e-3
@@ -112,7 +113,7 @@ def test_scaled_mask_logits_fail_on_mask_probabilities(
 def test_tolerance_overrides_from_the_cli(
     parity_model: ParityModel, scaled_mask_onnx: Path, tmp_path: Path
 ) -> None:
-    limits = ["min_mask_iou_mean=0", "min_mask_iou_p1=0", "min_strong_match_frac=0", "min_ap50_vs_ref=0",
+    limits = ["min_mask_iou_mean=0", "min_mask_iou_p1=0", "min_strong_match_frac=0", "min_agreement=0",
               "max_ap50_gt_diff=1", "max_missed_frac=1", "max_extra_frac=1", "max_mask_prob_diff_p99=1"]  # fmt: skip
     loose = [arg for limit in limits for arg in ("--tol", limit)]
     code, report = _cli_parity(parity_model, scaled_mask_onnx, tmp_path / "r.json", *loose)
@@ -120,3 +121,84 @@ def test_tolerance_overrides_from_the_cli(
     assert report["profile"]["min_mask_iou_mean"] == 0
     bad = ["parity", str(parity_model.checkpoint), "--candidate", str(scaled_mask_onnx)]
     assert main([*bad, "--data", str(parity_model.data_root), "--tol", "max_bogus=1"]) == 2
+
+
+def _overlaps_and_empty_masks(checkpoint: Path, data_root: Path, score_thresh: float) -> tuple[int, int]:
+    """Same-class pairs of the reference's instances (``>= score_thresh``) whose masks overlap, and empty
+    masks among them, over the whole training folder."""
+    from cellseg_deploy.data.rle import rle_area, rle_iou
+    from cellseg_deploy.evaluation.predict import run_dataset
+    from cellseg_deploy.postprocess import PostprocessConfig
+    from cellseg_deploy.runners import create_runner
+
+    with create_runner("torch", checkpoint) as runner:
+        _, preds = run_dataset(
+            runner, data_root, "all", post=PostprocessConfig(score_thresh=score_thresh), progress=False
+        )
+    overlaps = empty = 0
+    for inst in preds.values():
+        empty += sum(rle_area(r) == 0 for r in inst.rles)
+        for label in set(inst.labels.tolist()):
+            rles = [r for r, lab in zip(inst.rles, inst.labels, strict=True) if lab == label]
+            iou = rle_iou(rles, rles)
+            overlaps += int(((iou > 0) & ~np.eye(len(rles), dtype=bool)).sum()) // 2
+    return overlaps, empty
+
+
+@pytest.mark.parametrize("score_thresh", [0.05, 0.5])
+@pytest.mark.parametrize("candidate", ["itself", "onnx"])
+def test_identical_candidates_agree_exactly(
+    parity_model: ParityModel, parity_onnx: Path, tmp_path: Path, candidate: str, score_thresh: float
+) -> None:
+    """The checkpoint against itself and against its fp32 export, on every training image, at a low and the
+    default threshold: the agreement is exactly 1.0 although the reference holds overlapping same-class
+    detections and empty masks (where COCOeval of one set against itself stays below 1)."""
+    m = parity_model
+    overlaps, empty = _overlaps_and_empty_masks(m.checkpoint, m.data_root, 0.05)
+    assert overlaps > 0 and empty > 0, f"precondition: overlaps {overlaps}, empty masks {empty} at 0.05"
+    model, engine = (m.checkpoint, "torch") if candidate == "itself" else (parity_onnx, "onnx")
+    argv = [
+        "parity",
+        str(m.checkpoint),
+        "--candidate",
+        str(model),
+        "--engine",
+        engine,
+        "--data",
+        str(m.data_root),
+    ]
+    argv += [
+        "--split",
+        "all",
+        "--score-thresh",
+        str(score_thresh),
+        "--no-progress",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    code = main(argv)
+    report = json.loads((tmp_path / "r.json").read_text())
+    checks = {c["key"]: c for c in report["checks"]}
+    assert code == 0, report["failures"]
+    assert checks["agreement"]["value"] == 1.0 and checks["agreement"]["judged"], checks["agreement"]
+    assert checks["agreement"]["n"] >= 20 and report["overall"]["missed"] == report["overall"]["extra"] == 0
+    if candidate == "itself":
+        assert report["overall"]["max_box_diff"] == 0.0 and report["overall"]["max_score_diff"] == 0.0
+
+
+def test_nothing_above_the_threshold_fails_in_one_line(
+    parity_model: ParityModel, parity_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = parity_model
+    argv = ["parity", str(m.checkpoint), "--candidate", str(parity_onnx), "--data", str(m.data_root)]
+    argv += ["--images", "2", "--score-thresh", "1.0", "--no-progress", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] is False and report["overall"]["n_ref"] == report["overall"]["n_cand"] == 0
+    assert report["failures"] == [report["failures"][0]] and report["failures"][0].startswith(
+        "nothing was compared"
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "FAILED: parity (fp32) failed: nothing was compared: no instance of either side"
+    )
