@@ -8,6 +8,14 @@ Weights, in order of precedence:
 2. ``pretrained_backbone=PATH``: a local ImageNet state dict for the backbone trunk (e.g. ``resnet50-*.pth``).
 3. ``pretrained="coco"`` / ``"imagenet"``: torchvision's own weights through its normal download API.
 4. Otherwise random initialisation, said once in the log.
+
+Structure follows the weights, as torchvision's own builders decide it (``is_trained`` in
+``torchvision/models/detection/mask_rcnn.py``): a model that starts from trained weights (any of 1-3) gets
+``FrozenBatchNorm2d`` in its trunk where torchvision's builder for that architecture uses it, and only its
+last 3 trunk stages train unless ``model.trainable_backbone_layers`` says otherwise; a randomly initialised
+one trains ``BatchNorm2d`` and every stage. Without this, fine-tuning from COCO with one image per GPU
+would update BatchNorm statistics from single images. :func:`resolve_model_config` writes the decision into
+the config (the one a checkpoint records), so the same structure is rebuilt from the checkpoint alone.
 """
 
 from __future__ import annotations
@@ -29,6 +37,45 @@ Pretrained = Literal["none", "coco", "imagenet"]
 PRETRAINED_CHOICES: tuple[str, ...] = ("none", "coco", "imagenet")
 
 
+def resolve_model_config(
+    config: ModelConfig,
+    *,
+    pretrained: str = "none",
+    init: str | Path | None = None,
+    pretrained_backbone: str | Path | None = None,
+) -> ModelConfig:
+    """``config`` with ``backbone_norm``, ``trainable_backbone_layers`` and ``frozen_bn_eps`` decided for
+    these initial weights (see the module docstring); explicit values are kept. Idempotent.
+
+    A randomly initialised model trains every stage whatever ``trainable_backbone_layers`` says (freezing
+    random weights fixes noise); torchvision warns and does the same.
+    """
+    if pretrained not in PRETRAINED_CHOICES:
+        raise ConfigError(
+            f"pretrained: unknown value {pretrained!r}; expected one of {list(PRETRAINED_CHOICES)}"
+        )
+    spec = get_arch(config.arch)
+    trained = init is not None or pretrained_backbone is not None or pretrained != "none"
+    norm = config.backbone_norm
+    if norm == "auto":
+        norm = spec.trained_norm if trained else "batch"
+    layers = config.trainable_backbone_layers
+    if not trained:
+        if layers is not None and layers != 5:
+            log.warning(
+                "model.trainable_backbone_layers=%d has no effect without trained weights: every stage trains",
+                layers,
+            )
+        layers = 5
+    elif layers is None:
+        layers = 3
+    eps = config.frozen_bn_eps
+    if eps is None:
+        from_coco = init is None and pretrained_backbone is None and pretrained == "coco"
+        eps = spec.coco_frozen_bn_eps if from_coco and spec.coco_frozen_bn_eps is not None else 1e-5
+    return config.replace(backbone_norm=norm, trainable_backbone_layers=layers, frozen_bn_eps=eps)
+
+
 def build_model(
     config: ModelConfig,
     *,
@@ -38,19 +85,20 @@ def build_model(
 ) -> MaskRCNN:
     """Build the Mask R-CNN described by ``config`` and load its initial weights.
 
-    Returns the model in training mode on the CPU.
+    The structure is :func:`resolve_model_config`'s for these weights (pass its result to
+    :func:`~cellseg_deploy.modeling.checkpoint.save_checkpoint` so checkpoints rebuild it). Returns the
+    model in training mode on the CPU.
 
     Raises:
         ConfigError: unknown architecture or ``pretrained`` value, or weights this architecture lacks.
         CheckpointError: a local weight file that is missing or unreadable.
         BackendUnavailable: torchvision's download failed (no network): one line naming the offline option.
     """
-    if pretrained not in PRETRAINED_CHOICES:
-        raise ConfigError(
-            f"pretrained: unknown value {pretrained!r}; expected one of {list(PRETRAINED_CHOICES)}"
-        )
-    spec = get_arch(config.arch)
     config.validate()
+    config = resolve_model_config(
+        config, pretrained=pretrained, init=init, pretrained_backbone=pretrained_backbone
+    )
+    spec = get_arch(config.arch)
     model = spec.build(config)
     if init is not None:
         _load_local_weights(model, Path(init), what="init")

@@ -22,6 +22,9 @@ ANCHOR_PRESETS: dict[str, tuple[tuple[int, ...], ...]] = {
     "cells4": ((8,), (16,), (32,), (64,)),
 }
 
+BACKBONE_NORMS: tuple[str, ...] = ("auto", "batch", "frozen")
+"""Values of ``ModelConfig.backbone_norm``."""
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,6 +49,18 @@ class ModelConfig:
         nms_thresh: per-class box NMS IoU threshold.
         rpn_*: region proposal settings (pre/post NMS top-N at train and test, NMS IoU, sampling size).
         box_batch_size_per_image: RoIs sampled per image to train the box head.
+        backbone_norm: the normalisation of the backbone trunk (ResNet): ``batch`` (``BatchNorm2d``, trains
+            its statistics), ``frozen`` (torchvision's ``FrozenBatchNorm2d``: the statistics and affine
+            parameters of the initial weights, fixed) or ``auto``: ``frozen`` where the model starts from
+            trained weights (COCO, ImageNet or a local file) and the architecture's torchvision builder
+            freezes them, else ``batch``, as torchvision decides (``is_trained`` in its ``mask_rcnn.py``).
+            Checkpoints record the resolved value, so a model is rebuilt as it was trained.
+        trainable_backbone_layers: trunk stages whose parameters train, counted from the last (0..5: ``layer4``,
+            ``layer3``, ``layer2``, ``layer1``, ``conv1``; 5 = all). ``None``: torchvision's default, 3 when
+            starting from trained weights and 5 otherwise (randomly initialised stages always train).
+        frozen_bn_eps: epsilon of ``FrozenBatchNorm2d``. ``None``: 0.0 for torchvision's COCO_V1 weights of
+            ``r50-fpn`` (they were trained so, and torchvision sets it), else 1e-5. A local copy of those
+            weights given as ``weights.init`` wants ``0.0`` too.
     """
 
     arch: str = "r50-fpn"
@@ -66,6 +81,9 @@ class ModelConfig:
     rpn_nms_thresh: float = 0.7
     rpn_batch_size_per_image: int = 256
     box_batch_size_per_image: int = 512
+    backbone_norm: str = "auto"
+    trainable_backbone_layers: int | None = None
+    frozen_bn_eps: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -151,6 +169,17 @@ class ModelConfig:
             raise ConfigError(f"model.aspect_ratios: must be positive, got {list(self.aspect_ratios)}")
         if isinstance(self.anchor_sizes, str):
             self.resolved_anchor_sizes(self.anchor_sizes)
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ConfigError(
+                f"model.backbone_norm: unknown value {self.backbone_norm!r}; expected one of {list(BACKBONE_NORMS)}"
+            )
+        layers = self.trainable_backbone_layers
+        if layers is not None and not 0 <= layers <= 5:
+            raise ConfigError(
+                f"model.trainable_backbone_layers: must lie in 0..5 (5: the whole trunk) or be null, got {layers}"
+            )
+        if self.frozen_bn_eps is not None and self.frozen_bn_eps < 0:
+            raise ConfigError(f"model.frozen_bn_eps: must be >= 0 or null, got {self.frozen_bn_eps}")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -163,6 +192,15 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise ConfigError(
             f"model.anchor_sizes: expected a preset name {sorted(ANCHOR_PRESETS)} or a list of lists of ints, got {value!r}"
         )
+    if name in ("trainable_backbone_layers", "frozen_bn_eps"):
+        if value is None:
+            return None
+        if name == "trainable_backbone_layers" and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if name == "frozen_bn_eps" and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        kind = "an integer" if name == "trainable_backbone_layers" else "a number"
+        raise ConfigError(f"model.{name}: expected {kind} or null, got {value!r}")
     if name == "extra":
         if not isinstance(value, dict):
             raise ConfigError(f"model.extra: expected a mapping, got {type(value).__name__}")
