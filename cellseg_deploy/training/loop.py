@@ -44,6 +44,7 @@ import torch
 from cellseg_deploy.errors import CheckpointError, ConfigError, DataError, UserError
 from cellseg_deploy.io_utils import atomic_write_text
 from cellseg_deploy.modeling import build_model, load_checkpoint, save_checkpoint
+from cellseg_deploy.modeling.builder import resolve_model_config
 from cellseg_deploy.training.dataset import InstanceDataset, collate, validation_ground_truth
 from cellseg_deploy.training.distributed import (
     DistInfo,
@@ -51,6 +52,8 @@ from cellseg_deploy.training.distributed import (
     broadcast_floats,
     cleanup,
     init_distributed,
+    sync_batchnorm,
+    wait_for_main,
     wrap_model,
 )
 from cellseg_deploy.training.recipe import Recipe
@@ -116,14 +119,17 @@ class TrainResult:
 # Devices, precision, threads
 # ----------------------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available else ``cpu``; a CUDA device without CUDA raises ConfigError."""
+    """``auto`` -> ``cuda:0`` when available else ``cpu``; ``cuda`` -> ``cuda:0`` (always indexed); a CUDA
+    device without CUDA raises BackendUnavailable."""
+    from cellseg_deploy.runners.devices import torch_device
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch_device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         from cellseg_deploy.errors import BackendUnavailable
 
         raise BackendUnavailable(f"train.device {name!r}: torch sees no CUDA GPU here; use --device cpu")
-    return torch.device(name)
+    return torch_device(name)
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -155,9 +161,23 @@ def default_threads(local_processes: int = 1) -> int:
     return max(1, available_cores() // max(1, local_processes))
 
 
+def default_num_workers(device: torch.device, local_processes: int = 1) -> int:
+    """``data.num_workers: null``: 0 on the CPU (its cores compute), on CUDA ``min(4, cores per process - 1)``
+    and at least 1, so decoding and augmentation overlap the GPU's work."""
+    if device.type != "cuda":
+        return 0
+    per_process = available_cores() // max(1, local_processes)
+    return max(1, min(4, per_process - 1))
+
+
 @contextmanager
-def _torch_settings(threads: int, deterministic: bool) -> Iterator[None]:
-    """Set torch's thread count and determinism for the run; put the previous values back afterwards."""
+def _torch_settings(threads: int, deterministic: bool, allow_tf32: bool = False) -> Iterator[None]:
+    """Set torch's thread count, determinism and TF32 for the run; put the previous values back afterwards.
+
+    TF32 is off unless asked (``train.tf32``): fp32 training and validation compute in fp32 on a GPU too.
+    """
+    from cellseg_deploy.runners.devices import tf32
+
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -167,7 +187,8 @@ def _torch_settings(threads: int, deterministic: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     try:
-        yield
+        with tf32(allow_tf32):
+            yield
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
@@ -383,16 +404,20 @@ def train(
         )
     device = resolve_device(recipe.train.device)
     precision = resolve_precision(recipe.train.precision, device)
-    info = init_distributed(device.type)
+    info = init_distributed(
+        device.type, timeout_min=recipe.train.dist_timeout_min, wait_timeout_min=recipe.val.timeout_min
+    )
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the current stream, memory stats and new tensors: this GPU
     threads = recipe.train.threads or default_threads(info.local_world_size)
     package_log = logging.getLogger("cellseg_deploy")
     old_level = package_log.level
     if not info.is_main:  # one voice: rank 0 logs, the others only warn
         package_log.setLevel(logging.WARNING)
     try:
-        with _torch_settings(threads, recipe.train.deterministic):
+        with _torch_settings(threads, recipe.train.deterministic, recipe.train.tf32):
             return _Run(recipe, data_root, out_dir, info, device, precision, threads, progress, on_step).run(
                 resume
             )
@@ -448,7 +473,7 @@ class _Run:
         save_checkpoint(
             self.out_dir / LAST,
             self.model,
-            self.recipe.model,
+            self.model_config,
             recipe=self.recipe_dict,
             epoch=self.epoch,
             metrics=self.last_metrics,
@@ -484,12 +509,22 @@ class _Run:
         self.t_start = time.perf_counter()
         self.elapsed_before = 0.0
         torch.manual_seed(r.seed)
+        w = r.weights
         if resume:
-            model = build_model(r.model)  # weights come from last.pt below
+            # The structure (frozen BatchNorm, trainable stages) is the one the run was trained with, as its
+            # checkpoint records it; the weights come from last.pt in load_last.
+            self.last_checkpoint = load_checkpoint(self.out_dir / LAST)
+            self.model_config = self.last_checkpoint.model_config
+            model = build_model(self.model_config)
         else:  # first, so a failed download or a bad weight file stops the run at once
-            w = r.weights
-            model = build_model(
+            self.model_config = resolve_model_config(
                 r.model, pretrained=w.pretrained, init=w.init, pretrained_backbone=w.pretrained_backbone
+            )
+            model = build_model(
+                self.model_config,
+                pretrained=w.pretrained,
+                init=w.init,
+                pretrained_backbone=w.pretrained_backbone,
             )
         self.model = model.to(self.device)
         self.train_ds, self.val_ds = InstanceDataset.split(
@@ -519,7 +554,19 @@ class _Run:
                 (self.out_dir / name).unlink(missing_ok=True)
         if self.info.is_main:
             atomic_write_text(self.out_dir / RECIPE, r.to_yaml())
+        synced = sync_batchnorm(self.model, self.info, self.device) if r.train.sync_batchnorm else 0
         self.ddp_model = wrap_model(self.model, self.info, self.device)
+        self.num_workers = (
+            r.data.num_workers
+            if r.data.num_workers is not None
+            else default_num_workers(self.device, self.info.local_world_size)
+        )
+        mc = self.model_config
+        self.say(
+            f"model {mc.arch}: trunk {mc.backbone_norm} BatchNorm"
+            + (f" (SyncBatchNorm in {synced} layers)" if synced else "")
+            + f", {mc.trainable_backbone_layers} of 5 trunk stages train; {self.num_workers} data workers"
+        )
         self.say(
             f"training {r.model.arch} ({r.name}): {len(self.train_ds)} train / {len(self.val_ds)} val images, "
             f"{r.train.epochs} epochs x {self.steps_per_epoch} steps of {bs} image(s)"
@@ -529,7 +576,7 @@ class _Run:
         )
 
     def load_last(self) -> None:
-        ckpt = load_checkpoint(self.out_dir / LAST)
+        ckpt = self.last_checkpoint
         ts = ckpt.train_state
         if ts is None:
             raise CheckpointError(f"{self.out_dir / LAST} has no train_state; it cannot be resumed")
@@ -603,7 +650,11 @@ class _Run:
                 order = list(self.sampler)
                 batches = [order[i : i + bs] for i in range(0, len(order), bs)][self.step_in_epoch :]
                 loader = DataLoader(
-                    self.train_ds, batch_sampler=batches, collate_fn=collate, num_workers=r.data.num_workers
+                    self.train_ds,
+                    batch_sampler=batches,
+                    collate_fn=collate,
+                    num_workers=self.num_workers,
+                    pin_memory=self.device.type == "cuda",
                 )
                 self.model.train()
                 for images, targets in loader:
@@ -754,7 +805,7 @@ class _Run:
                 save_checkpoint(
                     self.out_dir / BEST,
                     self.model,
-                    r.model,
+                    self.model_config,
                     recipe=self.recipe_dict,
                     epoch=self.epoch,
                     metrics=metrics,
@@ -783,6 +834,9 @@ class _Run:
             patience = r.val.early_stop_patience
             stop = float(patience > 0 and self.bad_validations >= patience)
             plot_curves(read_metrics(self.out_dir / METRICS), self.out_dir / CURVES)
+        # The other ranks waited for this validation on a gloo barrier (val.timeout_min), not in the NCCL
+        # broadcast, whose timeout a long validation would exceed.
+        wait_for_main(self.info)
         ap50, stop = broadcast_floats(self.info, [ap50, stop])
         if self.schedule.observe(ap50, r.val.min_delta) and self.info.is_main:
             self.say(f"plateau: learning rate factor now {self.schedule.plateau_factor:g}")

@@ -69,7 +69,9 @@ class DataSettings:
             :func:`cellseg_deploy.data.layout.split_train_val`).
         split_seed: seed of that split (kept apart from the training seed so the split stays put).
         max_train_images / max_val_images: keep at most this many (0: all), for quick runs.
-        num_workers: DataLoader worker processes (0: load in the training process).
+        num_workers: DataLoader worker processes per training process (0: load in the training process);
+            ``null`` (default): 0 on the CPU (the cores compute), on CUDA ``min(4, cores per process - 1)``
+            (at least 1): decoding TIFFs and augmenting in the training process starves a GPU.
         cache: keep decoded samples in memory after the first epoch (small datasets).
     """
 
@@ -77,7 +79,7 @@ class DataSettings:
     split_seed: int = 0
     max_train_images: int = 0
     max_val_images: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None
     cache: bool = True
 
 
@@ -194,6 +196,15 @@ class TrainSettings:
             killed run resumes from mid-epoch.
         log_every_steps: write a training record to ``metrics.jsonl`` every N steps.
         deterministic: ask torch for deterministic algorithms (warn-only where none exists, e.g. some CUDA ops).
+            Off by default: on CUDA it picks slow cuDNN kernels, turns off cuDNN's autotuner and fills every new
+            tensor with NaN; CPU runs are reproducible without it (the CPU recipes still ask, at no cost).
+            When off, torch's defaults apply (cuDNN's heuristics choose kernels; no autotuning, since the
+            input sizes vary from batch to batch).
+        tf32: on CUDA, let fp32 matmuls and convolutions (``precision: fp32``, and validation) run in TF32.
+            Off by default: fp32 means fp32, as in the ``torch`` runner that evaluates the checkpoint.
+        dist_timeout_min: timeout of the DDP process group's collectives (``init_process_group``), minutes.
+        sync_batchnorm: under DDP on CUDA, train BatchNorm layers as ``SyncBatchNorm`` (statistics over the
+            global batch); frozen BatchNorm is unaffected.
     """
 
     epochs: int = 12
@@ -205,7 +216,10 @@ class TrainSettings:
     time_limit_min: float = 0.0
     checkpoint_every_steps: int = 0
     log_every_steps: int = 10
-    deterministic: bool = True
+    deterministic: bool = False
+    tf32: bool = False
+    dist_timeout_min: float = 30.0
+    sync_batchnorm: bool = True
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,8 @@ class ValSettings:
         score_thresh / mask_thresh: post-processing thresholds (the same as ``eval`` uses).
         early_stop_patience: stop after N validations without a better segm AP50 (0: never).
         min_delta: the smallest AP50 gain that counts as better.
+        timeout_min: under DDP, how long the other processes wait for rank 0 to validate (minutes; a gloo
+            barrier, not an NCCL collective with its shorter timeout).
     """
 
     every_epochs: int = 1
@@ -226,6 +242,7 @@ class ValSettings:
     mask_thresh: float = 0.5
     early_stop_patience: int = 0
     min_delta: float = 0.0
+    timeout_min: float = 180.0
 
 
 SECTIONS: dict[str, type] = {
@@ -494,8 +511,16 @@ def _validate(r: Recipe) -> None:
     )
     _check(v.min_delta >= 0.0, "val.min_delta", "must be >= 0", v.min_delta)
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must lie in (0, 1)", d.val_fraction)
-    for name in ("max_train_images", "max_val_images", "num_workers"):
+    for name in ("max_train_images", "max_val_images"):
         _check(getattr(d, name) >= 0, f"data.{name}", "must be >= 0", getattr(d, name))
+    _check(
+        d.num_workers is None or d.num_workers >= 0,
+        "data.num_workers",
+        "must be >= 0 or null (auto)",
+        d.num_workers,
+    )
+    _check(t.dist_timeout_min > 0, "train.dist_timeout_min", "must be > 0", t.dist_timeout_min)
+    _check(v.timeout_min > 0, "val.timeout_min", "must be > 0", v.timeout_min)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
