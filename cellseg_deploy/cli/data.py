@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import json_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_option, write_json_result
 
 
 @click.group()
@@ -64,6 +64,13 @@ def synth(
         cellseg-deploy data synth data/synth --train 48 --test 8 --seed 0
         cellseg-deploy data synth data/hard --extremes --max-cells 300
     """
+    check_outputs(
+        {"OUT": out, "--json": json_path},
+        overwrite=False,
+        folders=("OUT",),
+        may_exist=("OUT",),  # synth's own rule: OUT must not hold another dataset
+        hint="choose another path or remove it first",
+    )
     from cellseg_deploy.data.synth import SynthConfig, describe, make_synthetic_dataset
 
     config = SynthConfig(
@@ -84,7 +91,8 @@ def synth(
 @data.command("check")
 @click.argument("root", type=click.Path(path_type=Path))
 @json_option
-def check(root: Path, json_path: Path | None) -> None:
+@overwrite_option
+def check(root: Path, json_path: Path | None, overwrite: bool) -> None:
     """Validate the dataset at ROOT and print its statistics; exit 1 if it has defects.
 
     Each defect is one line on stderr naming the file: missing or unreadable image.tif, corrupt or
@@ -96,6 +104,7 @@ def check(root: Path, json_path: Path | None) -> None:
     Example:
         cellseg-deploy data check data/synth --json check.json
     """
+    check_outputs({"--json": json_path}, overwrite=overwrite)
     from cellseg_deploy.data.check import check_dataset
     from cellseg_deploy.errors import CheckFailed
 
@@ -124,19 +133,23 @@ def check(root: Path, json_path: Path | None) -> None:
     "--val-fraction", type=float, default=0.2, show_default=True, help="Share of training images in val."
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-def to_coco(root: Path, out: Path, split: str, val_fraction: float, seed: int) -> None:
+@overwrite_option
+def to_coco(root: Path, out: Path, split: str, val_fraction: float, seed: int, overwrite: bool) -> None:
     """Write COCO instance annotations (RLE masks at full size) of a dataset split.
 
     Training images get image id = 1-based index among all sorted train/ folders (the same in every
-    split) and carry "sample_id"; test images keep the ids of test_image_name_to_ids.json.
+    split) and carry "sample_id"; test images keep the ids of test_image_name_to_ids.json. An empty split
+    is an error (exit 2), as in 'eval'.
 
     \b
     Example:
         cellseg-deploy data to-coco data/synth --out data/synth/val.json --split val
     """
-    from cellseg_deploy.data.coco import dataset_to_coco
-    from cellseg_deploy.io_utils import atomic_write_json
+    check_outputs({"--out": out}, overwrite=overwrite)
+    from cellseg_deploy.cli.common import write_json_file
+    from cellseg_deploy.data.coco import dataset_to_coco, require_images
 
     gt = dataset_to_coco(root, split, val_fraction=val_fraction, seed=seed, progress=True)
-    atomic_write_json(out, gt, indent=None)
+    require_images(gt, root, split, val_fraction)
+    write_json_file(out, gt, what="--out", indent=None)
     click.echo(f"wrote {out}: {len(gt['images'])} images, {len(gt['annotations'])} instances ({split})")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import format_table, json_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, format_table, json_option, write_json_result
 
 
 @click.command("demo")
@@ -57,6 +57,9 @@ def demo(
     Example:
         cellseg-deploy demo --out runs/demo
     """
+    check_outputs(
+        {"--out": out, "--json": json_path}, overwrite=False, folders=("--out",), may_exist=("--out",)
+    )
     from cellseg_deploy.demo import DemoConfig, run_demo
     from cellseg_deploy.errors import CheckFailed
 

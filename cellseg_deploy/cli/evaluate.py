@@ -1,8 +1,9 @@
 """``cellseg-deploy eval`` and ``cellseg-deploy predict``: thin commands over :mod:`cellseg_deploy.evaluation`.
 
-Exit codes: 0 success; 1 ``predict`` skipped unreadable images (the submission was still written, the
-skipped images are named); 2 bad usage or bad input (``predict --strict`` stops at the first unreadable
-image with 2, nothing written).
+Exit codes: 0 success; 1 some images could not be read or run and were skipped (the others were written
+or scored, the skipped ones are named); 2 bad usage or bad input, an output that cannot be written or
+already exists (checked before any work; ``--overwrite`` replaces), or ``predict --strict`` stopping at the
+first bad image (nothing written).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import F, json_option, write_json_result
+from cellseg_deploy.cli.common import (
+    F,
+    check_outputs,
+    json_option,
+    max_pixels_option,
+    overwrite_option,
+    write_json_result,
+)
 
 _ENGINE_HELP = (
     "Runner to use (a registered name: torch, onnx, staged-onnx, trt, ...). Default: from the model file "
@@ -91,10 +99,12 @@ def _post_options(func: F) -> F:
     help="IoU types to score: segm, bbox or both.",
 )
 @_runner_options
+@max_pixels_option
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
 )
 @json_option
+@overwrite_option
 def eval_cmd(
     model: Path,
     data_root: Path,
@@ -109,23 +119,29 @@ def eval_cmd(
     device: str,
     precision: str,
     threads: int | None,
+    max_pixels: int | None,
     progress: bool,
     json_path: Path | None,
+    overwrite: bool,
 ) -> None:
     """COCO segm and bbox AP, AP50, AP75 and per-class AP50 of MODEL on a dataset split, with any runner.
 
     MODEL is a checkpoint (.pt), an exported .onnx file, a stage folder or an engine manifest. The table
     states the detection cap used (COCOeval keeps at most --max-dets detections per image and category);
     the model's own cap (detections_per_img, fixed in the checkpoint and baked into exports) applies first.
+    An image that cannot be read or run is skipped, left out of the scores and named (exit 1).
 
     \b
     Examples:
         cellseg-deploy eval runs/r50/best.pt --data data/hw3 --split val
         cellseg-deploy eval models/r50.onnx --data data/hw3 --split test --max-dets 300 --json eval.json
     """
-    from cellseg_deploy.evaluation.predict import evaluate_model
+    check_outputs({"--json": json_path}, overwrite=overwrite)
+    from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
+    from cellseg_deploy.evaluation.predict import ImageFailures, evaluate_model
 
     types = tuple(t.strip() for t in iou_types.split(",") if t.strip())
+    failures = ImageFailures()
     result = evaluate_model(
         model,
         engine,
@@ -141,9 +157,14 @@ def eval_cmd(
         threads=threads,
         iou_types=types,
         progress=progress,
+        failures=failures,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
     )
     click.echo(result.table())
     write_json_result(json_path, result.to_dict())
+    if failures:
+        scored = int(result.info.get("images_scored", 0))
+        raise failures.error(len(failures) + scored, f"the scores above are over the other {scored}")
 
 
 @click.command("predict")
@@ -172,7 +193,9 @@ def eval_cmd(
     help="Also write one PNG per image with the predicted masks coloured by class.",
 )
 @click.option(
-    "--strict", is_flag=True, help="Stop (exit 2) at the first unreadable image instead of skipping it."
+    "--strict",
+    is_flag=True,
+    help="Stop (exit 2) at the first image that cannot be read or run instead of skipping it.",
 )
 @_post_options
 @click.option(
@@ -182,10 +205,12 @@ def eval_cmd(
     help="Keep at most this many detections per image (highest scores). Default: all the model returns.",
 )
 @_runner_options
+@max_pixels_option
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
 )
 @json_option
+@overwrite_option
 def predict_cmd(
     model: Path,
     images_dir: Path,
@@ -200,20 +225,38 @@ def predict_cmd(
     device: str,
     precision: str,
     threads: int | None,
+    max_pixels: int | None,
     progress: bool,
     json_path: Path | None,
+    overwrite: bool,
 ) -> None:
     """Predict every image in IMAGES_DIR and write the competition submission (zip + test-results.json).
 
     IMAGES_DIR is test_release/ (ids from its id map) or any folder of TIFF/PNG/JPEG images (ids 1..N in
-    sorted file-name order; the output says which). An unreadable image is skipped and named at the end,
-    and the exit code is then 1 (the submission holds the other images); --strict stops at it with exit 2.
+    sorted file-name order; the output says which). Each image is handled alone: one that cannot be read,
+    is above --max-pixels or cannot be run by the model is skipped and named at the end, and the exit code is
+    then 1 (the submission holds the other images); --strict stops at it with exit 2. Images of extreme
+    aspect ratio (1 x 600) are padded for the model and their masks cut back to the image.
+
+    Every output (--out, test-results.json beside it, --overlays, --json) is checked before the model is
+    loaded: one that cannot be written, or that exists without --overwrite, stops the command (exit 2).
 
     \b
     Examples:
         cellseg-deploy predict runs/r50/best.pt data/hw3/test_release --out submission.zip
         cellseg-deploy predict models/r50.onnx my_images/ --out preds.zip --overlays overlays/
     """
+    check_outputs(
+        {
+            "--out": out_zip,
+            "test-results.json beside --out": out_zip.with_name("test-results.json"),
+            "--overlays": overlays_dir,
+            "--json": json_path,
+        },
+        overwrite=overwrite,
+        folders=("--overlays",),
+    )
+    from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
     from cellseg_deploy.errors import CheckFailed
     from cellseg_deploy.evaluation.predict import infer_engine, predict_folder
     from cellseg_deploy.postprocess import PostprocessConfig
@@ -231,12 +274,13 @@ def predict_cmd(
             strict=strict,
             post=post,
             progress=progress,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
         )
     click.echo(summary.text())
     write_json_result(json_path, summary.to_dict())
     if summary.failed:
         names = ", ".join(n for n, _ in summary.failed[:5]) + (" ..." if len(summary.failed) > 5 else "")
         raise CheckFailed(
-            f"{len(summary.failed)} of {summary.num_images} image(s) could not be read and were skipped ({names}); "
-            f"{out_zip} holds the other {summary.num_predicted}"
+            f"{len(summary.failed)} of {summary.num_images} image(s) could not be read or run and were skipped "
+            f"({names}); {summary.out_zip} holds the other {summary.num_predicted}"
         )

@@ -13,7 +13,13 @@ from typing import Any
 
 import click
 
-from cellseg_deploy.cli.common import echo_table, json_option, write_json_result
+from cellseg_deploy.cli.common import (
+    check_outputs,
+    echo_table,
+    json_option,
+    overwrite_option,
+    write_json_result,
+)
 from cellseg_deploy.errors import UserError
 from cellseg_deploy.export import EXPORT_FORMATS
 
@@ -119,6 +125,7 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
     help="openvino-int8: number of calibration images (default 16).",
 )
 @json_option
+@overwrite_option
 def export_cmd(
     checkpoint: Path,
     fmt: str,
@@ -137,12 +144,15 @@ def export_cmd(
     calib_data: Path | None,
     calib_images: int | None,
     json_path: Path | None,
+    overwrite: bool,
 ) -> None:
     """Export CHECKPOINT (a cellseg-deploy .pt; for --format trt also a stage folder) for deployment.
 
     The ONNX graph carries its provenance (class names, model config, the checkpoint's SHA-256, library
     versions, opset) and is checked against PyTorch on three image sizes before it is written. A missing or
-    corrupt checkpoint is a one-line error and nothing is written.
+    corrupt checkpoint is a one-line error and nothing is written. Every output (--out, --stage-dir, --json)
+    is checked before the export starts: one that cannot be written, or that exists without --overwrite,
+    stops the command (exit 2).
 
     \b
     Examples:
@@ -153,6 +163,7 @@ def export_cmd(
         cellseg-deploy export runs/r50/best.pt --format openvino-int8 --calib-data data/hw3 --out models/r50.int8.xml
     """
     result: Any
+    _check_export_outputs(fmt, out, stage_dir, json_path, timing_cache, overwrite)
     if fmt != "openvino-int8" and (calib_data is not None or calib_images is not None):
         raise UserError("--calib-data/--calib-images apply to --format openvino-int8 only")
     if fmt == "openvino-int8":
@@ -223,6 +234,26 @@ def export_cmd(
             f"(manifest {result.manifest})"
         )
     write_json_result(json_path, result.to_dict())
+
+
+def _check_export_outputs(
+    fmt: str,
+    out: Path,
+    stage_dir: Path | None,
+    json_path: Path | None,
+    timing_cache: Path | None,
+    overwrite: bool,
+) -> None:
+    """Every path the export will write, checked before it starts: onnx and openvino-int8 write files (the
+    latter a .bin beside the .xml), staged and trt folders (trt's stage graphs go to --stage-dir, by default a
+    folder inside --out); the timing cache is read and updated, so only its writability counts."""
+    outputs: dict[str, Path | None] = {"--out": out, "--json": json_path, "--timing-cache": timing_cache}
+    if fmt == "openvino-int8":
+        outputs["the .bin beside --out"] = out.with_suffix(".bin")
+    if fmt == "trt":
+        outputs["--stage-dir"] = stage_dir
+    folders = ("--out", "--stage-dir") if fmt in ("staged", "trt") else ()
+    check_outputs(outputs, overwrite=overwrite, folders=folders, may_exist=("--timing-cache",))
 
 
 def _reject_stage_options(fmt: str, fp16: bool | None, *others: object) -> None:

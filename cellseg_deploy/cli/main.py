@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:  # usage errors: click's own message
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line and where the help is
+        click.echo(f"error: {usage_line(exc)}", err=True)
         return 2
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
@@ -75,7 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as exc:  # the file system said no (a full disk, a folder gone read-only): one line
+        if verbose:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        return 2
     return 0
+
+
+def usage_line(exc: click.ClickException) -> str:
+    """A click error as one line that ends with the command's ``--help`` hint."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "cellseg-deploy"
+    return f"{message} (see '{command} --help')"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import json_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, json_option, write_json_result
 
 
 @click.command("train")
@@ -94,6 +94,13 @@ def train_cmd(
         cellseg-deploy train --data data/synth --out runs/tiny --resume
         torchrun --nproc_per_node 2 -m cellseg_deploy.cli.main train --data data/synth --out runs/ddp
     """
+    # Writability first (the run folder's contents follow train's own rule: --resume or --overwrite).
+    check_outputs(
+        {"--out": out_dir, "--json": json_path},
+        overwrite=overwrite or resume,
+        folders=("--out",),
+        may_exist=("--out",),
+    )
     from cellseg_deploy.training import load_recipe, train
 
     sets = list(overrides)

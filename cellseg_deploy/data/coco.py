@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from cellseg_deploy import CLASS_NAMES
+from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
 from cellseg_deploy.data.layout import (
     TEST_GT_NAME,
     Sample,
@@ -127,15 +128,25 @@ def split_ids(root: str | Path, split: str, val_fraction: float = 0.2, seed: int
     raise ConfigError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
 
 
-def iter_samples(root: str | Path, sample_ids: Iterable[str], progress: bool = False) -> Iterator[Sample]:
+def iter_samples(
+    root: str | Path,
+    sample_ids: Iterable[str],
+    progress: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Iterator[Sample]:
     """Load samples one at a time (memory stays one image's worth); ``progress`` shows a tqdm bar on a TTY."""
     ids = list(sample_ids)
     for sid in tqdm(ids, desc="load", unit="img", disable=None if progress else True):
-        yield load_sample(root, sid)
+        yield load_sample(root, sid, max_pixels=max_pixels)
 
 
 def dataset_to_coco(
-    root: str | Path, split: str = "all", val_fraction: float = 0.2, seed: int = 0, progress: bool = False
+    root: str | Path,
+    split: str = "all",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """COCO ground truth of a dataset split.
 
@@ -144,6 +155,7 @@ def dataset_to_coco(
         split: ``all`` (every training image), ``train`` / ``val`` (:func:`~cellseg_deploy.data.layout.split_train_val`
             with ``val_fraction`` and ``seed``), or ``test`` (``test_ground_truth.json``, written by ``data synth``).
         progress: a tqdm bar over the images on a TTY.
+        max_pixels: the training images' pixel limit (:func:`~cellseg_deploy.data.io.read_image`).
 
     Returns:
         For ``all``/``train``/``val``: :func:`samples_to_coco` with :func:`train_image_ids`. For ``test``: the
@@ -160,7 +172,28 @@ def dataset_to_coco(
     if split == "test":
         return _test_ground_truth(root)
     ids = split_ids(root, split, val_fraction, seed)
-    return samples_to_coco(iter_samples(root, ids, progress), train_image_ids(root))
+    return samples_to_coco(iter_samples(root, ids, progress, max_pixels), train_image_ids(root))
+
+
+def require_images(gt: Mapping[str, Any], root: str | Path, split: str, val_fraction: float = 0.2) -> None:
+    """The one rule for an empty split, shared by ``data to-coco`` and ``eval``: it is an error.
+
+    Raises:
+        DataError: ``gt`` has no images; the message says why the split came out empty and what to use.
+    """
+    if gt.get("images"):
+        return
+    if split == "test":
+        raise DataError(f"split 'test' of {root} has no images: {TEST_GT_NAME} lists none")
+    n = len(list_train_ids(root))
+    if split == "val" and n:
+        why = (
+            f"{n} training image(s), and the val split needs at least 2 (it keeps one for training)"
+            if n < 2
+            else f"val_fraction {val_fraction} of {n} training image(s) rounds to none"
+        )
+        raise DataError(f"split 'val' of {root} has no images: {why}; use --split all, or add images")
+    raise DataError(f"split {split!r} of {root} has no images ({n} training image(s) in train/)")
 
 
 def _test_ground_truth(root: Path) -> dict[str, Any]:

@@ -25,17 +25,23 @@ TIFF is read with ``tifffile`` (LZW through ``imagecodecs``), first page only; P
 (converted BGR -> RGB). A missing, unreadable, corrupt or truncated file raises :class:`DataError` with one
 line naming the file. TIFFs whose image data runs past the end of the file are reported as truncated before
 any decoding; messages that tifffile logs while reading a bad file are folded into that line instead of being
-printed.
+printed. Messages never quote the file's bytes (a symbolic link to a private file stays private).
+
+Pixel limit: :func:`read_image` refuses an image with more than ``max_pixels`` pixels
+(:data:`DEFAULT_MAX_PIXELS` unless told otherwise) from its header, before decoding: a small, highly
+compressed file can otherwise ask for many gigabytes (a 328 KB tiled TIFF of 10000 x 10000 px).
 
 Instance-ID masks (``classK.tif``) are float64 ``[H, W]``: 0 is background, every other integer value one
-instance. :func:`read_id_mask` validates them (finite, integer-valued, non-negative) without any cast that
-could merge IDs (no uint8: IDs can exceed 255).
+instance. :func:`read_id_mask` validates them (one page, finite, integer-valued, non-negative) without any
+cast that could merge IDs (no uint8: IDs can exceed 255).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,12 +59,38 @@ IMAGE_ROWS_PER_STRIP = 4
 
 MASK_ROWS_PER_STRIP = 2
 
+DEFAULT_MAX_PIXELS = 5000 * 5000
+"""Largest image (height x width) read without being told otherwise: 25 megapixels.
+
+Four times the largest image of the competition data (2500 px per side), so no real image comes near it;
+the commands raise it with ``--max-pixels``. Memory of a prediction grows about linearly with the pixels.
+"""
+
 _log = logging.getLogger(__name__)
 
 
+_BYTES_REPR = re.compile(r"""b(['"]).*?(?<!\\)\1""")
+
+
 def _first_line(exc: BaseException) -> str:
+    """The first line of an error message, with any quoted file bytes (``b'...'``) taken out."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
+    line = (text[0] if text else type(exc).__name__)[:160]
+    return _without_bytes(line)
+
+
+def _without_bytes(text: str) -> str:
+    """``text`` with quoted bytes (``header=b'TOPS'``, ``b"..."``) replaced by ``<file bytes>``."""
+    text = re.sub(r"\w+=b(['\"]).*?(?<!\\)\1", "<file bytes>", text)
+    return _BYTES_REPR.sub("<file bytes>", text)
+
+
+def _pixel_limit_error(path: Path, height: int, width: int, max_pixels: int) -> DataError:
+    return DataError(
+        f"{path}: image is {height} x {width} px ({height * width / 1e6:.1f} megapixels), above the limit of "
+        f"{max_pixels / 1e6:.1f} megapixels; pass --max-pixels {height * width} (or more) to read it "
+        "(memory grows with the pixel count)"
+    )
 
 
 class _Capture(logging.Handler):
@@ -105,8 +137,17 @@ def _check_strips(path: Path, page: tifffile.TiffPage | tifffile.TiffFrame, file
         )
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    """The first page of a TIFF as stored (any dtype, ``[H, W]``, ``[H, W, C]`` or planar ``[C, H, W]``)."""
+def _page_size(page: tifffile.TiffPage | tifffile.TiffFrame) -> tuple[int, int]:
+    """``(H, W)`` of a TIFF page from its header (planar ``[C, H, W]`` and ``[H, W, C]`` alike)."""
+    shaped = page.shaped  # (separate samples, depth, height, width, contig samples)
+    return int(shaped[-3]), int(shaped[-2])
+
+
+def _read_tiff(path: Path, max_pixels: int | None = None, single_page: bool = False) -> np.ndarray:
+    """The first page of a TIFF as stored (any dtype, ``[H, W]``, ``[H, W, C]`` or planar ``[C, H, W]``).
+
+    ``max_pixels`` is checked on the header before decoding; ``single_page`` refuses files with several pages.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     with _tifffile_messages() as messages:
@@ -114,15 +155,28 @@ def _read_tiff(path: Path) -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
                 if not tif.pages:
                     raise DataError(f"{path}: TIFF holds no image")
+                if single_page and len(tif.pages) > 1:
+                    raise DataError(
+                        f"{path}: TIFF holds {len(tif.pages)} pages, expected one (an H x W mask); save each "
+                        "mask as a single-page TIFF"
+                    )
                 page = tif.pages[0]
+                if max_pixels is not None:
+                    height, width = _page_size(page)
+                    if height * width > max_pixels:
+                        raise _pixel_limit_error(path, height, width, max_pixels)
                 _check_strips(path, page, path.stat().st_size)
                 array = np.asarray(page.asarray())
         except DataError:
             raise
+        except MemoryError as exc:
+            raise DataError(f"{path}: not enough memory to decode this TIFF") from exc
         except Exception as exc:  # tifffile/imagecodecs raise many types for corrupt or truncated files
             detail = _first_line(exc)
+            if "not a TIFF file" in detail:
+                detail = "not a TIFF file: it does not start with a TIFF header"
             if messages and messages[0] not in detail:
-                detail += f"; {messages[0][:120]}"
+                detail += f"; {_without_bytes(messages[0][:120])}"
             raise DataError(f"{path}: cannot decode TIFF ({type(exc).__name__}: {detail})") from exc
     for message in messages:  # the read worked: keep tifffile's remarks available, without the noise
         _log.debug("%s: %s", path, message)
@@ -182,19 +236,53 @@ def _read_cv2(path: Path, suffix: str) -> np.ndarray:
     return np.asarray(array)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def _png_jpeg_size(path: Path, suffix: str) -> tuple[int, int] | None:
+    """``(H, W)`` from a PNG's IHDR or a JPEG's SOF marker, without decoding; ``None`` when not found."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if suffix == ".png":
+        if len(head) >= 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", head[16:24])
+            return int(height), int(width)
+        return None
+    pos = 2  # JPEG: walk the marker segments up to the first start-of-frame
+    while pos + 9 <= len(head) and head[:2] == b"\xff\xd8":
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        length = struct.unpack(">H", head[pos + 2 : pos + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", head[pos + 5 : pos + 9])
+            return int(height), int(width)
+        pos += 2 + length
+    return None
+
+
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image file as RGB ``uint8 [H, W, 3]`` (conversions: see the module docstring).
 
+    Args:
+        path: a TIFF, PNG or JPEG file.
+        max_pixels: refuse images with more than this many pixels (``H * W``), checked on the file's header
+            before any decoding; ``None``: no limit.
+
     Raises:
-        DataError: missing, unreadable, corrupt or truncated file, or an unsupported layout (one line, naming it).
+        DataError: missing, unreadable, corrupt or truncated file, an unsupported layout, or more pixels than
+            ``max_pixels`` (one line, naming it).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        array = _read_tiff(path)
+        array = _read_tiff(path, max_pixels=max_pixels)
     elif suffix in (".png", ".jpg", ".jpeg"):
+        size = _png_jpeg_size(path, suffix) if max_pixels is not None else None
+        if size is not None and max_pixels is not None and size[0] * size[1] > max_pixels:
+            raise _pixel_limit_error(path, size[0], size[1], max_pixels)
         array = _read_cv2(path, suffix)
     else:
         raise DataError(f"{path}: unsupported image type {suffix!r}; expected one of {list(IMAGE_SUFFIXES)}")
@@ -208,11 +296,11 @@ def read_id_mask(path: str | Path) -> np.ndarray:
         float64 ``[H, W]``: 0 background, each other value one instance (integer-valued, any size).
 
     Raises:
-        DataError: unreadable / corrupt / truncated file, not 2-D, or IDs that are NaN, infinite, negative or
-            not whole numbers (the message names the file, the first bad value and how many pixels hold one).
+        DataError: unreadable / corrupt / truncated file, several pages, not 2-D, or IDs that are NaN,
+            infinite, negative or not whole numbers (the message names the file, the first bad value and how many pixels hold one).
     """
     path = Path(path)
-    ids = _read_tiff(path)
+    ids = _read_tiff(path, single_page=True)
     if ids.ndim == 3 and ids.shape[2] == 1:
         ids = ids[:, :, 0]
     if ids.ndim != 2:
@@ -254,13 +342,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
         with _tifffile_messages():
             try:
                 with tifffile.TiffFile(path) as tif:
-                    page = tif.pages[0]
-                    return int(page.shaped[-3]), int(page.shaped[-2])
+                    return _page_size(tif.pages[0])
             except Exception as exc:
                 raise DataError(
                     f"{path}: cannot read TIFF header ({type(exc).__name__}: {_first_line(exc)})"
                 ) from exc
-    h, w = read_image(path).shape[:2]
+    if path.is_file() and (size := _png_jpeg_size(path, path.suffix.lower())) is not None:
+        return size
+    h, w = read_image(path, max_pixels=None).shape[:2]
     return int(h), int(w)
 
 

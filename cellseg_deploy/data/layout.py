@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg_deploy import CLASS_NAMES
-from cellseg_deploy.data.io import IMAGE_SUFFIXES, image_size, read_id_mask, read_image
+from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, image_size, read_id_mask, read_image
 from cellseg_deploy.errors import ConfigError, DataError
 
 CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
@@ -124,15 +124,17 @@ def instances_from_id_mask(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return masks, boxes, values.astype(np.int64)
 
 
-def load_sample(root: str | Path, sample_id: str) -> Sample:
+def load_sample(root: str | Path, sample_id: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Sample:
     """Read ``root/train/<sample_id>``: the image and every ``classK.tif`` (K in 1..4).
+
+    ``max_pixels`` is the image's pixel limit (:func:`~cellseg_deploy.data.io.read_image`).
 
     Memory: ``masks`` is dense, ``N * H * W`` bytes (161 instances at 397 x 482: 31 MB; 700 at 2500 x 1900
     would be 3.3 GB), so callers that hold many samples should keep boxes and crops instead.
 
     Raises:
-        DataError: missing image, unreadable files, a mask whose shape differs from the image, bad IDs, or a
-            class file outside 1..4.
+        DataError: missing image, unreadable files, an image above ``max_pixels``, a mask whose shape differs
+            from the image, a multi-page mask, bad IDs, or a class file outside 1..4.
     """
     folder = train_dir(root) / sample_id
     if not folder.is_dir():
@@ -140,7 +142,7 @@ def load_sample(root: str | Path, sample_id: str) -> Sample:
     image_path = folder / "image.tif"
     if not image_path.is_file():
         raise DataError(f"{image_path}: missing image.tif")
-    image = read_image(image_path)
+    image = read_image(image_path, max_pixels=max_pixels)
     all_masks, all_boxes, all_labels, all_ids = [], [], [], []
     for k, path in class_files(folder):
         if not 1 <= k <= len(CLASS_NAMES):

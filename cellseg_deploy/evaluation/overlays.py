@@ -3,7 +3,9 @@
 Each instance gets a translucent fill and a one-pixel outline in its class colour; the legend (class name,
 colour, number of instances) sits in a strip *below* the image so it never hides cells. Images whose
 longer side is under :data:`MIN_OVERLAY_SIDE` pixels are enlarged by an integer factor (nearest neighbour)
-so a 33 x 35 image stays legible.
+so a 33 x 35 image stays legible, and a side still under :data:`MIN_OVERLAY_SHORT_SIDE` pixels (a 257 x 1
+image) is stretched alone by an integer factor, so each pixel is drawn as a rectangle rather than lost in a
+1 pixel wide strip.
 
 Memory and time: each mask is decoded straight from its run lengths into its own tight box (never into an
 ``H x W`` buffer), so a 2500 x 1900 image with hundreds of cells costs a few image-sized buffers (the image,
@@ -34,12 +36,23 @@ CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
 MIN_OVERLAY_SIDE = 256
 """Overlays of images whose longer side is below this many pixels are enlarged by an integer factor."""
 
+MIN_OVERLAY_SHORT_SIDE = 32
+"""After that enlargement, a side shorter than this is stretched alone (integer factor) to reach it."""
+
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def class_color(label: int) -> tuple[int, int, int]:
     """RGB colour of a 1-based label."""
     return CLASS_COLORS[(int(label) - 1) % len(CLASS_COLORS)]
+
+
+def overlay_scale(height: int, width: int) -> tuple[int, int]:
+    """Integer enlargement ``(sy, sx)`` of an ``height x width`` image in its overlay (see the module docstring)."""
+    scale = max(1, math.ceil(MIN_OVERLAY_SIDE / max(height, width)))
+    sy = max(scale, math.ceil(MIN_OVERLAY_SHORT_SIDE / height))
+    sx = max(scale, math.ceil(MIN_OVERLAY_SHORT_SIDE / width))
+    return sy, sx
 
 
 def draw_overlay(
@@ -58,15 +71,15 @@ def draw_overlay(
         class_names: legend names; label ``k`` is ``class_names[k - 1]``.
 
     Returns:
-        RGB uint8 ``[s*H + legend, max(s*W, legend width), 3]`` where ``s >= 1`` is the enlargement factor
-        for small images.
+        RGB uint8 ``[sy*H + legend, max(sx*W, legend width), 3]`` where ``(sy, sx)`` is
+        :func:`overlay_scale` (``1, 1`` for most images).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"draw_overlay expects RGB uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
     height, width = image.shape[:2]
     if tuple(inst.image_size) != (height, width):
         raise ValueError(f"instances are for a {inst.image_size} image, the image is {(height, width)}")
-    scale = max(1, math.ceil(MIN_OVERLAY_SIDE / max(height, width)))
+    sy, sx = overlay_scale(height, width)
 
     # Fill: one colour layer and a coverage mask at the original size (later instances paint on top).
     layer = np.zeros_like(image)
@@ -86,10 +99,11 @@ def draw_overlay(
     blended = image[covered].astype(np.float32) * (1.0 - alpha) + layer[covered].astype(np.float32) * alpha
     out[covered] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     del layer, covered
-    if scale > 1:
-        out = cv2.resize(out, (width * scale, height * scale), interpolation=cv2.INTER_NEAREST)
+    if (sy, sx) != (1, 1):
+        out = cv2.resize(out, (width * sx, height * sy), interpolation=cv2.INTER_NEAREST)
+    factor = np.array([sx, sy], np.int32)  # contour points are (x, y)
     for color, contours in outlines:
-        scaled = [c * scale + scale // 2 for c in contours] if scale > 1 else contours
+        scaled = [c * factor + factor // 2 for c in contours] if (sy, sx) != (1, 1) else contours
         cv2.drawContours(out, scaled, -1, color, thickness=1)
 
     counts = np.bincount(inst.labels.astype(np.int64), minlength=len(class_names) + 1) if len(inst) else None

@@ -6,6 +6,9 @@
   (what ``cellseg-deploy eval`` prints), including the notes about detection caps.
 - :func:`predict_folder`: a folder of images -> ``test-results.json`` and the submission zip, optional
   overlays; unreadable images are skipped and named in the summary (or stop the run with ``strict``).
+- :func:`predict_image` and :class:`ImageFailures`: one image at a time, for every loop over images
+  (``predict``, ``eval``, ``parity``): an image of extreme aspect ratio is padded so that the model can
+  take it, and an image that still cannot be read or run is recorded and skipped, never the end of the run.
 
 Every runner goes through :meth:`Runner.predict`, i.e. the one shared post-processing
 (:func:`cellseg_deploy.postprocess.postprocess`), so two runners differ here only by their models. Masks
@@ -16,15 +19,19 @@ stay RLEs from the post-processing to the metric: one image is in memory at a ti
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from cellseg_deploy.data.coco import SPLITS
+from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
 from cellseg_deploy.data.layout import TEST_MAP_NAME as ID_MAP_NAME
-from cellseg_deploy.errors import DataError, UserError, naming_model_output
+from cellseg_deploy.errors import CheckFailed, DataError, UserError, naming_model_output
 from cellseg_deploy.evaluation.coco_eval import (
     DEFAULT_MAX_DETS,
     IOU_TYPES,
@@ -34,7 +41,8 @@ from cellseg_deploy.evaluation.coco_eval import (
     predictions_to_results,
 )
 from cellseg_deploy.evaluation.submission import RESULTS_MEMBER, write_results_json, write_submission
-from cellseg_deploy.postprocess import PostprocessConfig
+from cellseg_deploy.io_utils import OutputError, rescue_path
+from cellseg_deploy.postprocess import PostprocessConfig, postprocess
 from cellseg_deploy.runners.base import Runner
 from cellseg_deploy.structures import Instances
 
@@ -42,6 +50,152 @@ EVAL_POSTPROCESS = PostprocessConfig(score_thresh=0.0, mask_thresh=0.5, max_dets
 """Post-processing for evaluation: keep every detection the model returns (the cap is COCOeval's)."""
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images one at a time
+# ----------------------------------------------------------------------------------------------------------
+MAX_ASPECT = 8.0
+"""Images whose longer side exceeds this many times the shorter one are padded before the model sees them.
+
+The models resize an image so that its shorter side reaches ``min_size`` unless the longer side would pass
+``max_size``; a 1 x 600 image would then be resized to 0 x 512 pixels, which neither PyTorch nor ONNX Runtime
+can do. Padding (bottom or right, with the image's median colour) to at most this aspect ratio keeps every
+resized side at ``max_size / MAX_ASPECT`` pixels or more. No image of ordinary proportions is touched.
+"""
+
+
+def pad_to_aspect(image: np.ndarray, max_aspect: float = MAX_ASPECT) -> np.ndarray:
+    """``image`` (RGB uint8 ``[H, W, 3]``) padded at the bottom or right so that ``max(H, W) / min(H, W)``
+    is at most ``max_aspect``; the image itself (not a copy) when it already is.
+
+    The padding has the image's per-channel median colour (its background, for microscopy), and the
+    original pixels keep their coordinates, so detections need no shift, only a crop (:func:`predict_image`).
+    """
+    height, width = image.shape[:2]
+    short_min = int(np.ceil(max(height, width) / max_aspect))
+    if min(height, width) >= short_min:
+        return image
+    new_h, new_w = (short_min, width) if height < width else (height, short_min)
+    fill = np.median(image.reshape(-1, image.shape[2]), axis=0).astype(np.uint8)
+    padded = np.empty((new_h, new_w, image.shape[2]), np.uint8)
+    padded[:] = fill
+    padded[:height, :width] = image
+    return padded
+
+
+def predict_image(runner: Runner, image: np.ndarray, post: PostprocessConfig | None = None) -> Instances:
+    """:meth:`Runner.predict` for any image the runner can be given, extreme aspect ratios included.
+
+    An image of ordinary proportions goes straight to ``runner.predict``. One that is not
+    (:func:`pad_to_aspect`) is padded, predicted, and its instances cropped back to the original
+    ``(H, W)``: boxes clipped, masks cut to the image, instances that lie wholly in the padding dropped.
+
+    Args:
+        runner: a loaded runner.
+        image: RGB uint8 ``[H, W, 3]`` at its original size.
+        post: post-processing settings (default: :class:`PostprocessConfig`).
+
+    Returns:
+        :class:`Instances` of size ``(H, W)``.
+    """
+    from cellseg_deploy.data.rle import decode_rle, encode_mask
+
+    padded = pad_to_aspect(image)
+    if padded is image:
+        return runner.predict(image, post)
+    height, width = image.shape[:2]
+    inst = postprocess(runner.infer(padded), post)
+    rles: list[dict[str, Any]] = []
+    keep: list[int] = []
+    for i, rle in enumerate(inst.rles):
+        mask = decode_rle(rle)[:height, :width]  # one mask of the padded image at a time
+        if mask.any():
+            keep.append(i)
+            rles.append(encode_mask(mask))
+    kept = inst.select(np.asarray(keep, np.int64))
+    boxes = kept.boxes.copy()
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)
+    return Instances(
+        boxes=boxes,
+        labels=kept.labels,
+        scores=kept.scores,
+        rles=rles,
+        image_size=(height, width),
+        mask_probs=kept.mask_probs,
+    )
+
+
+@dataclass
+class ImageFailures:
+    """The images a loop skipped, each with the reason, so that one bad image never ends a folder.
+
+    Use :meth:`run` around everything done for one image (read, predict, write)::
+
+        failures = ImageFailures()
+        for path in paths:
+            inst = failures.run(path, lambda: predict_image(runner, read_image(path)))
+            if inst is None:
+                continue  # skipped; named at the end
+        if failures:
+            raise failures.error(len(paths), "the others are in report.json")
+
+    An unreadable image (:class:`DataError`, ``OSError``) and an image the model cannot run (any other
+    exception of the runner, ``MemoryError`` included) are recorded; an invalid model output
+    (:class:`~cellseg_deploy.errors.InvalidModelOutput`: the model file is broken, not the image) and
+    interruptions are not caught. With ``strict``, the first failure stops the loop as :class:`DataError`.
+
+    Attributes:
+        items: ``(file name, reason)`` in the order met.
+        strict: stop at the first failure instead.
+    """
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+    strict: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def run(self, image: str | Path, fn: Any) -> Any:
+        """``fn()``, or ``None`` when it failed for this image (recorded under ``image``'s file name)."""
+        try:
+            return fn()
+        except CheckFailed:
+            raise  # a broken model (InvalidModelOutput) stops the run: every image would fail the same way
+        except (DataError, OSError) as exc:
+            reason = str(exc).replace(f"{image}: ", "")
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = f"cannot read file ({exc.strerror})"
+            self._record(image, reason, exc)
+        except Exception as exc:  # the model could not take this image (torch, ONNX Runtime, OpenVINO errors)
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            self._record(
+                image, f"the model could not process this image ({type(exc).__name__}: {first})", exc
+            )
+        return None
+
+    def _record(self, image: str | Path, reason: str, exc: BaseException) -> None:
+        if self.strict:
+            raise DataError(f"{image}: {reason} (stopped by --strict)") from exc
+        _log.debug("skipped %s: %s", image, reason, exc_info=exc)
+        self.items.append((Path(image).name, reason))
+
+    def names(self, most: int = 5) -> str:
+        """The first ``most`` file names, comma-separated (``...`` when there are more)."""
+        names = ", ".join(n for n, _ in self.items[:most])
+        return names + (" ..." if len(self.items) > most else "")
+
+    def error(self, total: int, rest: str) -> CheckFailed:
+        """The exit-1 error of a loop that skipped images: how many, which, and where the others went."""
+        return CheckFailed(
+            f"{len(self.items)} of {total} image(s) failed and were skipped ({self.names()}); {rest}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +298,8 @@ def run_dataset(
     seed: int = 0,
     post: PostprocessConfig = EVAL_POSTPROCESS,
     progress: bool = True,
+    failures: ImageFailures | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[dict[str, Any], dict[int, Instances]]:
     """Predict every image of a dataset split.
 
@@ -155,37 +311,59 @@ def run_dataset(
         val_fraction, seed: the train/val split of ``train/`` (the same as training's).
         post: post-processing settings (the default keeps every detection; see :data:`EVAL_POSTPROCESS`).
         progress: show a tqdm progress bar (stderr).
+        failures: where to record images that cannot be read or run; they are then skipped and left out of
+            the returned ground truth too (so they do not count as missed cells). ``None``: the first such
+            image raises.
+        max_pixels: refuse images with more pixels than this (read from the header, before decoding).
 
     Returns:
         ``(gt, predictions)``: the COCO ground-truth dict of the split and ``{image_id: Instances}`` with
         masks as RLEs at each image's original size.
 
     Raises:
-        DataError: the layout is broken, an image cannot be read, or its size differs from the ground truth.
+        DataError: the layout is broken, the split is empty, or (without ``failures``) an image cannot be
+            read, is larger than ``max_pixels`` or its size differs from the ground truth.
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    from cellseg_deploy.data.coco import dataset_to_coco
-    from cellseg_deploy.data.io import read_image
+    from cellseg_deploy.data.coco import dataset_to_coco, require_images
 
     data_root = Path(data_root)
-    gt = dataset_to_coco(data_root, split, val_fraction=val_fraction, seed=seed)
-    if not gt.get("images"):
-        raise DataError(f"split {split!r} of {data_root} has no images")
+    gt = dataset_to_coco(data_root, split, val_fraction=val_fraction, seed=seed, max_pixels=max_pixels)
+    require_images(gt, data_root, split, val_fraction)
     runner.load()
+    guard = failures if failures is not None else ImageFailures(strict=True)
     predictions: dict[int, Instances] = {}
     for entry in _progress(gt["images"], progress, desc=f"eval {split}"):
         path = image_path_of(entry, data_root)
-        image = read_image(path)
-        expected = (int(entry["height"]), int(entry["width"]))
-        if tuple(image.shape[:2]) != expected:
-            raise DataError(
-                f"{path}: image is {image.shape[0]}x{image.shape[1]} but its ground truth says "
-                f"{expected[0]}x{expected[1]}; the dataset and its annotations disagree"
-            )
-        with naming_model_output(model=runner.model_path, image=path):
-            predictions[int(entry["id"])] = runner.predict(image, post)
+        inst = guard.run(path, lambda e=entry, p=path: _predict_entry(runner, p, e, post, max_pixels))
+        if inst is not None:
+            predictions[int(entry["id"])] = inst
+    if failures:
+        kept = set(predictions)
+        gt = {
+            **gt,
+            "images": [e for e in gt["images"] if int(e["id"]) in kept],
+            "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in kept],
+        }
     return gt, predictions
+
+
+def _predict_entry(
+    runner: Runner, path: Path, entry: dict[str, Any], post: PostprocessConfig, max_pixels: int | None
+) -> Instances:
+    """Read one ground-truth image, check its size against the annotations, predict it."""
+    from cellseg_deploy.data.io import read_image
+
+    image = read_image(path, max_pixels=max_pixels)
+    expected = (int(entry["height"]), int(entry["width"]))
+    if tuple(image.shape[:2]) != expected:
+        raise DataError(
+            f"{path}: image is {image.shape[0]}x{image.shape[1]} but its ground truth says "
+            f"{expected[0]}x{expected[1]}; the dataset and its annotations disagree"
+        )
+    with naming_model_output(model=runner.model_path, image=path):
+        return predict_image(runner, image, post)
 
 
 def image_path_of(entry: dict[str, Any], data_root: Path) -> Path:
@@ -203,7 +381,8 @@ def image_path_of(entry: dict[str, Any], data_root: Path) -> Path:
             if candidate.exists():
                 return candidate
     raise DataError(
-        f"cannot locate the image file of ground-truth image {entry.get('id')!r} ({entry}) under {data_root}"
+        f"cannot locate the image file of ground-truth image {entry.get('id')!r} (its entry has no path, "
+        f"sample_id or file_name that exists) under {data_root}"
     )
 
 
@@ -223,6 +402,8 @@ def evaluate_model(
     threads: int | None = None,
     iou_types: tuple[str, ...] = IOU_TYPES,
     progress: bool = True,
+    failures: ImageFailures | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> EvalResult:
     """Evaluate a model file with any registered runner on a dataset split (what ``cellseg-deploy eval`` runs).
 
@@ -236,6 +417,8 @@ def evaluate_model(
         device, precision, threads: passed to the runner.
         iou_types: ``("segm", "bbox")`` or a subset.
         progress: show a progress bar.
+        failures, max_pixels: see :func:`run_dataset`; skipped images are left out of the scores, and the
+            result's notes and ``info["skipped_images"]`` name them.
 
     Returns:
         The :class:`EvalResult`, with ``notes`` on the model's own cap and ``info`` naming the runner,
@@ -248,13 +431,29 @@ def evaluate_model(
     t0 = time.perf_counter()
     with create_runner(engine, model_path, device=device, precision=precision, threads=threads) as runner:
         gt, predictions = run_dataset(
-            runner, data_root, split, val_fraction=val_fraction, seed=seed, post=post, progress=progress
+            runner,
+            data_root,
+            split,
+            val_fraction=val_fraction,
+            seed=seed,
+            post=post,
+            progress=progress,
+            failures=failures,
+            max_pixels=max_pixels,
         )
+        if not predictions:
+            raise CheckFailed(
+                f"every image of split {split!r} failed ({failures.names() if failures else ''}); nothing to score"
+            )
         model_cap = model_detection_cap(runner)
         runner_info = runner.info()
     seconds = time.perf_counter() - t0
     result = evaluate(gt, predictions_to_results(predictions), max_dets=max_dets, iou_types=iou_types)
     result.notes.extend(cap_notes(engine, max_dets, model_cap, predictions))
+    if failures:
+        result.notes.append(
+            f"{len(failures)} image(s) could not be read or run and are left out of the scores: {failures.names()}"
+        )
     first = iou_types[0]
     skipped = result.metrics[first]["num_detections"] - result.metrics[first]["num_detections_evaluated"]
     if skipped:
@@ -273,6 +472,8 @@ def evaluate_model(
             "mask_thresh": mask_thresh,
             "model_detections_per_img": model_cap,
             "max_detections_in_one_image": max((len(p) for p in predictions.values()), default=0),
+            "images_scored": len(predictions),
+            "skipped_images": [{"file": f, "reason": r} for f, r in (failures.items if failures else [])],
             "seconds": round(seconds, 3),
         }
     )
@@ -453,6 +654,7 @@ def predict_folder(
     strict: bool = False,
     post: PostprocessConfig = EVAL_POSTPROCESS,
     progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> PredictSummary:
     """Predict every image of a folder and write the competition submission.
 
@@ -467,12 +669,21 @@ def predict_folder(
             falls back to ids 1..N in sorted file-name order.
         out_zip: the submission zip to write.
         overlays_dir: folder for overlay PNGs, or ``None``.
-        strict: stop at the first unreadable image (raise :class:`DataError`) instead of skipping it.
+        strict: stop at the first image that cannot be read or run (raise :class:`DataError`) instead of
+            skipping it.
         post: post-processing settings (default: keep every detection the model returns).
         progress: show a tqdm progress bar (stderr).
+        max_pixels: refuse images with more pixels than this (read from the header, before decoding);
+            ``None``: no limit.
 
     Returns:
-        :class:`PredictSummary`; skipped images are in ``failed`` (the submission is still written).
+        :class:`PredictSummary`; skipped images are in ``failed`` (the submission is still written). Each
+        image is handled alone (:class:`ImageFailures`, :func:`predict_image`): one that cannot be read, is
+        above ``max_pixels`` or cannot be run by the model is skipped and named; the others are written.
+
+    Raises:
+        OutputError: the submission could not be written at the end; the message names the file in the
+            system's temporary folder that holds the finished results instead.
     """
     from cellseg_deploy.data.io import read_image
     from cellseg_deploy.evaluation.overlays import write_overlay
@@ -483,30 +694,38 @@ def predict_folder(
     overlays = Path(overlays_dir) if overlays_dir is not None else None
     runner.load()
     results: list[dict[str, Any]] = []
-    failed: list[tuple[str, str]] = []
+    failures = ImageFailures(strict=strict)
     num_predicted = 0
-    for entry in _progress(entries, progress, desc="predict"):
-        try:
-            image = read_image(entry.path)
-            if entry.size is not None and tuple(image.shape[:2]) != entry.size:
-                raise DataError(
-                    f"image is {image.shape[0]}x{image.shape[1]} but the id map says {entry.size[0]}x{entry.size[1]}"
-                )
-        except (DataError, OSError, ValueError) as exc:
-            reason = str(exc).replace(str(entry.path) + ": ", "")
-            if strict:
-                raise DataError(f"{entry.path}: {reason} (stopped by --strict)") from exc
-            failed.append((entry.path.name, reason))
-            continue
+
+    def one(entry: ImageEntry) -> tuple[np.ndarray, Instances]:
+        image = read_image(entry.path, max_pixels=max_pixels)
+        if entry.size is not None and tuple(image.shape[:2]) != entry.size:
+            raise DataError(
+                f"image is {image.shape[0]}x{image.shape[1]} but the id map says {entry.size[0]}x{entry.size[1]}"
+            )
         with naming_model_output(model=runner.model_path, image=entry.path):
-            inst = runner.predict(image, post)
+            return image, predict_image(runner, image, post)
+
+    for entry in _progress(entries, progress, desc="predict"):
+        done = failures.run(entry.path, lambda e=entry: one(e))
+        if done is None:
+            continue
+        image, inst = done
         results.extend(instances_to_results(entry.image_id, inst))
         num_predicted += 1
         if overlays is not None:
-            write_overlay(overlays / f"{entry.path.stem}.png", image, inst)
-        del image
-    write_submission(results, out_zip)
-    results_json = write_results_json(results, out_zip.with_name(RESULTS_MEMBER))
+            try:
+                write_overlay(overlays / f"{entry.path.stem}.png", image, inst)
+            except OSError as exc:  # the predictions are kept; only the picture is missing
+                failures.items.append(
+                    (entry.path.name, f"predicted, but no overlay written ({exc.strerror or exc})")
+                )
+        del image, done
+    out_zip = _write_or_rescue(out_zip, lambda dest: write_submission(results, dest), len(results))
+    results_json = _write_or_rescue(
+        out_zip.with_name(RESULTS_MEMBER), lambda dest: write_results_json(results, dest), len(results)
+    )
+    failed = failures.items
     return PredictSummary(
         out_zip=out_zip,
         results_json=results_json,
@@ -519,6 +738,22 @@ def predict_folder(
         seconds=time.perf_counter() - t0,
         runner=runner.info(),
     )
+
+
+def _write_or_rescue(dest: Path, write: Any, count: int) -> Path:
+    """``write(dest)``; when that fails at this last step, ``write`` into :func:`rescue_path` and raise
+    :class:`OutputError` naming it, so finished predictions are never lost to a full disk or a folder that
+    became read-only during the run."""
+    try:
+        return Path(write(dest))
+    except OutputError:
+        raise  # the finished file was kept beside dest; the message says where
+    except OSError as exc:
+        kept = Path(write(rescue_path(dest)))
+        raise OutputError(
+            f"cannot write {dest} ({exc.strerror or exc}); the finished results ({count} detections) are kept "
+            f"in {kept}"
+        ) from exc
 
 
 def _progress(items: Iterable[T], enabled: bool, desc: str) -> Iterator[T]:

@@ -13,6 +13,10 @@ A checkpoint is a ``torch.save`` of plain containers and tensors only, so it loa
 - ``train_state`` (only in ``last.pt``): optimizer, scheduler, scaler and RNG state for ``--resume``.
 
 Writes are atomic (temporary file, then rename), so a crash never leaves a broken checkpoint.
+
+Loading refuses, in one line each: a file that is not a torch checkpoint (without quoting its bytes), a
+pickle that carries code (naming the globals it would call; such a file is never unpickled here), and
+weights that hold NaN or infinite values (a diverged training predicts nothing, silently).
 """
 
 from __future__ import annotations
@@ -116,7 +120,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint with ``weights_only=True``.
 
     Raises:
-        CheckpointError: missing file, unreadable/corrupt file, or not a cellseg-deploy checkpoint.
+        CheckpointError: missing file, unreadable/corrupt file, a file that carries code, not a
+            cellseg-deploy checkpoint, or weights with NaN / infinite values.
     """
     path = Path(path)
     if not path.is_file():
@@ -126,14 +131,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({first})") from exc
+        raise _load_error(path, exc) from exc
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(
             f"{path} is not a cellseg-deploy checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r}); "
             "to start from plain torchvision weights use --init PATH"
         )
+    _check_finite(path, obj.get("state_dict"))
     return Checkpoint(
         model_config=ModelConfig.from_dict(obj["model_config"]),
         state_dict=obj["state_dict"],
@@ -145,3 +150,47 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         train_state=obj.get("train_state"),
         path=path,
     )
+
+
+def _load_error(path: Path, exc: Exception) -> CheckpointError:
+    """The one-line refusal for a file ``torch.load(weights_only=True)`` rejected.
+
+    Never repeats torch's own message: it can quote the file's first bytes and it advises loading the file
+    unsafely.
+    """
+    import pickle
+
+    unsafe: list[str] = []
+    with contextlib.suppress(Exception):  # not a torch zip file: there is nothing to list
+        unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    if unsafe:
+        names = ", ".join(unsafe[:5]) + (f" and {len(unsafe) - 5} more" if len(unsafe) > 5 else "")
+        return CheckpointError(
+            f"checkpoint {path} carries code ({names}): loading it could run that code, so it is refused; "
+            "cellseg-deploy checkpoints hold only weights and settings: use one written by 'cellseg-deploy "
+            "train' from a source you trust"
+        )
+    message = str(exc)
+    if isinstance(exc, RuntimeError) and message.startswith("PytorchStreamReader"):
+        detail = f" ({message.splitlines()[0][:120]})"
+    elif isinstance(exc, pickle.UnpicklingError | EOFError) or "Weights only load failed" in message:
+        detail = " (neither a zip archive nor a pickle written by torch.save)"
+    else:
+        detail = f" ({type(exc).__name__})"
+    return CheckpointError(f"checkpoint {path} is corrupt or not a torch file{detail}")
+
+
+def _check_finite(path: Path, state_dict: Any) -> None:
+    """Raise :class:`CheckpointError` when a floating-point weight holds NaN or infinite values."""
+    if not isinstance(state_dict, dict):
+        return
+    bad = [
+        name
+        for name, t in state_dict.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]}); "
+            "the training diverged: use an earlier checkpoint, or train again with a lower learning rate"
+        )
