@@ -37,6 +37,13 @@ Pretrained = Literal["none", "coco", "imagenet"]
 PRETRAINED_CHOICES: tuple[str, ...] = ("none", "coco", "imagenet")
 
 
+def starts_trained(
+    pretrained: str = "none", init: str | Path | None = None, pretrained_backbone: str | Path | None = None
+) -> bool:
+    """Whether these initial weights are trained ones (torchvision's ``is_trained``)."""
+    return init is not None or pretrained_backbone is not None or pretrained != "none"
+
+
 def resolve_model_config(
     config: ModelConfig,
     *,
@@ -45,30 +52,25 @@ def resolve_model_config(
     pretrained_backbone: str | Path | None = None,
 ) -> ModelConfig:
     """``config`` with ``backbone_norm``, ``trainable_backbone_layers`` and ``frozen_bn_eps`` decided for
-    these initial weights (see the module docstring); explicit values are kept. Idempotent.
+    these initial weights (see the module docstring); explicit values are kept, so a resolved config (as a
+    checkpoint records it) rebuilds the same structure without weights. Idempotent.
 
-    A randomly initialised model trains every stage whatever ``trainable_backbone_layers`` says (freezing
-    random weights fixes noise); torchvision warns and does the same.
+    Unlike torchvision, which ignores ``trainable_backbone_layers`` below 5 without trained weights (with a
+    warning), an explicit value is kept here: rebuilding a fine-tuned model must keep its frozen stages. The
+    training loop warns where a recipe freezes randomly initialised stages.
     """
     if pretrained not in PRETRAINED_CHOICES:
         raise ConfigError(
             f"pretrained: unknown value {pretrained!r}; expected one of {list(PRETRAINED_CHOICES)}"
         )
     spec = get_arch(config.arch)
-    trained = init is not None or pretrained_backbone is not None or pretrained != "none"
+    trained = starts_trained(pretrained, init, pretrained_backbone)
     norm = config.backbone_norm
     if norm == "auto":
         norm = spec.trained_norm if trained else "batch"
     layers = config.trainable_backbone_layers
-    if not trained:
-        if layers is not None and layers != 5:
-            log.warning(
-                "model.trainable_backbone_layers=%d has no effect without trained weights: every stage trains",
-                layers,
-            )
-        layers = 5
-    elif layers is None:
-        layers = 3
+    if layers is None:
+        layers = 3 if trained else 5
     eps = config.frozen_bn_eps
     if eps is None:
         from_coco = init is None and pretrained_backbone is None and pretrained == "coco"

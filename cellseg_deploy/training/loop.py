@@ -44,7 +44,7 @@ import torch
 from cellseg_deploy.errors import CheckpointError, ConfigError, DataError, UserError
 from cellseg_deploy.io_utils import atomic_write_text
 from cellseg_deploy.modeling import build_model, load_checkpoint, save_checkpoint
-from cellseg_deploy.modeling.builder import resolve_model_config
+from cellseg_deploy.modeling.builder import resolve_model_config, starts_trained
 from cellseg_deploy.training.dataset import InstanceDataset, collate, validation_ground_truth
 from cellseg_deploy.training.distributed import (
     DistInfo,
@@ -520,6 +520,15 @@ class _Run:
             self.model_config = resolve_model_config(
                 r.model, pretrained=w.pretrained, init=w.init, pretrained_backbone=w.pretrained_backbone
             )
+            if (
+                not starts_trained(w.pretrained, w.init, w.pretrained_backbone)
+                and (self.model_config.trainable_backbone_layers or 0) < 5
+            ):
+                log.warning(
+                    "model.trainable_backbone_layers=%s freezes randomly initialised trunk stages (no weights "
+                    "given); torchvision would train all 5",
+                    self.model_config.trainable_backbone_layers,
+                )
             model = build_model(
                 self.model_config,
                 pretrained=w.pretrained,

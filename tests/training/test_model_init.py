@@ -86,8 +86,10 @@ def test_resolution_follows_torchvision() -> None:
         SMALL_R50.replace(trainable_backbone_layers=5, backbone_norm="batch"), pretrained="coco"
     )
     assert (explicit.backbone_norm, explicit.trainable_backbone_layers) == ("batch", 5)
-    untrained = resolve_model_config(SMALL_R50.replace(trainable_backbone_layers=2))
+    untrained = resolve_model_config(SMALL_R50)
     assert (untrained.backbone_norm, untrained.trainable_backbone_layers) == ("batch", 5)
+    # A resolved config (as a checkpoint records it) rebuilds the same structure without weights.
+    assert resolve_model_config(coco) == coco
     assert resolve_model_config(coco, pretrained="coco") == coco  # idempotent
 
 
@@ -115,3 +117,48 @@ def test_sync_batchnorm_only_where_batchnorm_trains_under_ddp(coco_like_file: Pa
     frozen = build_model(SMALL_R50, init=coco_like_file)
     assert sync_batchnorm(frozen, two_gpus, cuda0) == 0
     assert _norms(frozen.backbone.body) == {FrozenBatchNorm2d}
+
+
+@pytest.mark.slow
+def test_fine_tuning_keeps_the_trunk_statistics_and_resumes(tmp_path: Path) -> None:
+    """A short run from an ImageNet-like backbone file: BatchNorm statistics stay those of the file, the
+    checkpoint records the frozen structure, and --resume rebuilds it (strict load)."""
+    from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
+    from cellseg_deploy.training import load_recipe, train
+
+    root = tmp_path / "data"
+    make_synthetic_dataset(
+        root, SynthConfig(n_train=6, n_test=0, min_size=64, max_size=96, seed=5), progress=False
+    )
+    torch.manual_seed(2)
+    trunk = resnet18(weights=None)
+    state = trunk.state_dict()
+    for key in state:
+        if key.endswith("running_mean"):
+            state[key] = torch.randn_like(state[key]) * 0.1
+    backbone_file = tmp_path / "resnet18-like.pth"
+    torch.save(state, backbone_file)
+    overrides = [
+        "model.min_size=96",
+        "model.max_size=128",
+        "train.threads=1",
+        "train.time_limit_min=0",
+        "schedule.time_aware=false",
+        "data.max_train_images=4",
+        "data.max_val_images=2",
+        "train.epochs=2",
+        "train.max_steps=2",
+        f"weights.pretrained_backbone={backbone_file}",
+    ]
+    run = tmp_path / "run"
+    train(load_recipe("tiny_cpu", [*overrides, "train.max_steps=1"]), root, run, progress=False)
+    result = train(load_recipe("tiny_cpu", overrides), root, run, resume=True, progress=False)
+    assert result.steps == 2
+    ckpt = load_checkpoint(run / "last.pt")
+    assert (ckpt.model_config.backbone_norm, ckpt.model_config.trainable_backbone_layers) == ("frozen", 3)
+    for key in ("bn1.running_mean", "layer1.0.bn1.running_mean", "layer3.1.bn2.running_var"):
+        assert torch.equal(ckpt.state_dict[f"backbone.body.{key}"], state[key]), key
+    assert not torch.equal(
+        ckpt.state_dict["backbone.body.layer3.0.conv1.weight"], state["layer3.0.conv1.weight"]
+    )
+    assert torch.equal(ckpt.state_dict["backbone.body.layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])

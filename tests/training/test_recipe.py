@@ -131,3 +131,25 @@ def test_every_allowed_key_is_overridable() -> None:
         value = data[section][name] if name else data[section]
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
         assert base.with_overrides([f"{key}={text}"]) == base, key
+
+
+def test_gpu_defaults_fast_kernels_and_data_workers() -> None:
+    """Issue 21.7: deterministic algorithms only when asked; data workers on CUDA, none on the CPU."""
+    import torch
+
+    from cellseg_deploy.training.loop import available_cores, default_num_workers
+
+    r = Recipe()
+    assert r.train.deterministic is False
+    assert r.train.tf32 is False
+    assert r.data.num_workers is None  # auto
+    assert default_num_workers(torch.device("cpu")) == 0
+    cuda = default_num_workers(torch.device("cuda", 0))
+    assert 1 <= cuda <= 4 and cuda <= max(1, available_cores() - 1)
+    assert default_num_workers(torch.device("cuda", 0), local_processes=64) == 1
+    for name in ("tiny_cpu", "r50_synth_cpu"):  # CPU recipes keep bitwise reproducibility (free there)
+        assert load_recipe(name).train.deterministic is True
+    for name in ("r50_fpn_plain", "r50_small_anchors_adamw"):
+        gpu = load_recipe(name)
+        assert gpu.train.deterministic is False and gpu.data.num_workers is None
+    assert load_recipe("tiny_cpu", ["data.num_workers=3"]).data.num_workers == 3
