@@ -5,18 +5,21 @@ One engine per stage (``backbone_rpn``, ``box_head``, ``mask_head``), built with
 folder. Engines are written atomically next to ``engines.json``, which records the TensorRT version, GPU
 name and compute capability, precision, profile, and the SHA-256 of the source graphs and checkpoint.
 
-Precision by TensorRT version (see :func:`build_plan`):
-
-- TensorRT 10 (``BuilderFlag.FP16`` exists): ``fp16`` parses the **FP32** graphs and sets ``BuilderFlag.FP16``
-  (TensorRT picks FP16 kernels where it can); ``fp32`` parses the FP32 graphs with TF32 switched off.
-- TensorRT 11 (no FP16 flag; networks are strongly typed): ``fp16`` parses the **FP16** graphs
-  (``*.fp16.onnx``), whose types fix every layer's precision; ``fp32`` parses the FP32 graphs.
-  ``strongly_typed=True`` chooses this path on TensorRT 10 too.
+Precision, the same on every supported TensorRT (see :func:`build_plan`): networks are **strongly typed**,
+so each layer runs in the type its ONNX graph gives it. ``fp16`` engines parse the FP16 stage graphs
+(``*.fp16.onnx``: FP16 inside, float32 at the boundary, BatchNorm folded in float64 before the cast);
+``fp32`` engines parse the FP32 graphs with TF32 switched off. TensorRT 10 needs the network-creation flag
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` for that; TensorRT 11 networks are always strongly typed
+(the flag is deprecated there and not passed). ``BuilderFlag.FP16`` (weak typing, deprecated in 10.12 and
+removed in 11.0) is never used, so engines built on 10 and 11 compute in the same precisions and their
+parity and benchmarks compare.
 
 An engine only loads on the TensorRT version and GPU architecture it was built with: a runner compares
 ``engines.json`` with the machine (:func:`engine_mismatch`) and refuses with a one-line "rebuild" message
-(or rebuilds when asked). Everything here except :func:`build_engines` and :func:`current_environment` is
-pure and runs without TensorRT.
+(or rebuilds when asked). Every decision that needs no GPU is a plain function here (build plans, network
+flags, timing-cache handling, manifests, mismatch checks, device indices, device-memory plans, CUDA-graph
+keys, alignment); :class:`CudaApi` is the one place the TensorRT path calls CUDA (through ``torch.cuda``),
+so the tests can stand in for it on a CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import datetime as _dt
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,159 @@ INSTALL_HINT = (
 
 
 # ----------------------------------------------------------------------------------------------------------
+# CUDA, as the TensorRT path uses it
+# ----------------------------------------------------------------------------------------------------------
+ALIGNMENT = 256
+"""Bytes: TensorRT's ``setTensorAddress`` wants every device address aligned to at least 256 bytes
+(``NvInferRuntime.h``, TensorRT 10 and 11)."""
+
+
+def cuda_index(device: str | Any) -> int:
+    """The GPU index of a CUDA device name (``"cuda"`` -> 0, ``"cuda:1"`` -> 1), via
+    :func:`cellseg_deploy.runners.devices.parse_device`; TensorRT runs on GPUs only.
+
+    Raises:
+        UserError: not a CUDA device (``ConfigError`` for a malformed name).
+    """
+    from cellseg_deploy.errors import UserError
+    from cellseg_deploy.runners.devices import parse_device
+
+    kind, index = parse_device(device)
+    if kind != "cuda" or index is None:
+        raise UserError(
+            f"TensorRT runs on an NVIDIA GPU; got device {device!r}: use --device cuda (or cuda:N)"
+        )
+    return index
+
+
+class CudaApi:
+    """Every CUDA call of the TensorRT path, through ``torch.cuda``, for one GPU (``index``).
+
+    Keeping them here, behind one small class, leaves the rest of the path (plans, bindings, ordering of
+    stream operations) plain Python that the tests run on a CPU with a stand-in for this class
+    (``tests/trt_double/cuda.py``), selected through :data:`CUDA_API`.
+    """
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = int(index)
+
+    @staticmethod
+    def unavailable_reason() -> str | None:
+        """``None`` when torch sees a CUDA GPU, else why not (one line)."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return "torch sees no NVIDIA GPU here (torch.cuda.is_available() is False)"
+        return None
+
+    @property
+    def tensor_device(self) -> Any:
+        """Where stage tensors live: ``torch.device("cuda", index)``."""
+        import torch
+
+        return torch.device("cuda", self.index)
+
+    def name(self) -> str:
+        import torch
+
+        return str(torch.cuda.get_device_name(self.index))
+
+    def capability(self) -> tuple[int, int]:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(self.index)
+        return int(major), int(minor)
+
+    def runtime_version(self) -> str | None:
+        import torch
+
+        return torch.version.cuda
+
+    def activate(self) -> None:
+        """Make this GPU torch's current device (TensorRT allocates on the current device)."""
+        import torch
+
+        torch.cuda.set_device(self.index)
+
+    def new_stream(self) -> Any:
+        import torch
+
+        return torch.cuda.Stream(device=self.index)
+
+    def current_stream(self) -> Any:
+        import torch
+
+        return torch.cuda.current_stream(self.index)
+
+    def use(self, stream: Any) -> Any:
+        """Context manager: torch ops inside it are queued on ``stream``."""
+        import torch
+
+        return torch.cuda.stream(stream)
+
+    def handle(self, stream: Any) -> int:
+        """The ``cudaStream_t`` TensorRT's ``execute_async_v3`` takes."""
+        return int(stream.cuda_stream)
+
+    def wait(self, waiter: Any, producer: Any) -> None:
+        """Work queued on ``waiter`` from now on starts after everything queued on ``producer`` so far."""
+        waiter.wait_stream(producer)
+
+    def keep(self, tensor: Any, stream: Any) -> None:
+        """Tell torch's allocator that ``stream`` uses ``tensor`` (its memory is not reused before that work)."""
+        tensor.record_stream(stream)
+
+    def synchronize(self, stream: Any | None = None) -> None:
+        """Block the host until ``stream`` (default: the whole device) is idle."""
+        import torch
+
+        if stream is None:
+            torch.cuda.synchronize(self.index)
+        else:
+            stream.synchronize()
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialised tensor on the GPU (torch's caching allocator: 512-byte aligned blocks)."""
+        import torch
+
+        return torch.empty(shape, dtype=dtype, device=self.tensor_device)
+
+    def pointer(self, tensor: Any) -> int:
+        """The device address TensorRT is given for ``tensor``."""
+        return int(tensor.data_ptr())
+
+    def new_graph(self) -> Any:
+        import torch
+
+        return torch.cuda.CUDAGraph()
+
+    def capture(self, graph: Any, stream: Any) -> Any:
+        """Context manager: the work queued on ``stream`` inside it is recorded into ``graph``, not run."""
+        import torch
+
+        return torch.cuda.graph(graph, stream=stream)
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+    def event(self) -> Any:
+        """A timing event recorded now on the current stream."""
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.index))
+        return ev
+
+    def elapsed_s(self, start: Any, end: Any) -> float:
+        """Seconds between two recorded events (both must have completed: synchronise first)."""
+        return float(start.elapsed_time(end)) / 1000.0
+
+
+CUDA_API: Callable[[int], CudaApi] = CudaApi
+"""Factory of the :class:`CudaApi` of a GPU index (tests put a CPU stand-in here)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Availability and environment
 # ----------------------------------------------------------------------------------------------------------
 def trt_unavailable_reason() -> str | None:
@@ -61,13 +218,9 @@ def trt_unavailable_reason() -> str | None:
             f"TensorRT {trt.__version__} is not supported (supported majors: {list(SUPPORTED_TRT_MAJORS)}); "
             "pip install 'tensorrt>=10,<12'"
         )
-    import torch
-
-    if not torch.cuda.is_available():
-        return (
-            "TensorRT needs an NVIDIA GPU, and torch sees none here (torch.cuda.is_available() is False); "
-            f"{INSTALL_HINT}, or run the stages with --engine staged-onnx"
-        )
+    gpu = CUDA_API(0).unavailable_reason()
+    if gpu is not None:
+        return f"TensorRT needs an NVIDIA GPU: {gpu}; {INSTALL_HINT}, or run the stages with --engine staged-onnx"
     return None
 
 
@@ -131,17 +284,16 @@ class TrtEnvironment:
         )
 
 
-def current_environment(device: int = 0) -> TrtEnvironment:
-    """TensorRT version and GPU of this machine (needs TensorRT and a GPU)."""
+def current_environment(device: int | str = 0) -> TrtEnvironment:
+    """TensorRT version and GPU of this machine (needs TensorRT and a GPU); ``device``: an index or a CUDA
+    device name (``"cuda"``, ``"cuda:1"``)."""
     trt = require_tensorrt()
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
+    cuda = CUDA_API(device if isinstance(device, int) else cuda_index(device))
     return TrtEnvironment(
         trt_version=str(trt.__version__),
-        gpu_name=torch.cuda.get_device_name(device),
-        compute_capability=(int(major), int(minor)),
-        cuda_version=torch.version.cuda,
+        gpu_name=cuda.name(),
+        compute_capability=cuda.capability(),
+        cuda_version=cuda.runtime_version(),
     )
 
 
@@ -154,39 +306,54 @@ class BuildPlan:
 
     Attributes:
         precision: ``"fp32"`` or ``"fp16"``.
-        graph_precision: which stage graphs to parse (``"fp32"`` or ``"fp16"``).
-        strongly_typed: create the network with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (TensorRT 10;
-            TensorRT 11 networks are always strongly typed).
-        fp16_flag: set ``BuilderFlag.FP16`` (weakly typed TensorRT 10 only).
+        graph_precision: which stage graphs to parse (the same as ``precision``: strong typing takes the
+            precision from the graph).
+        trt_major: 10 or 11.
         disable_tf32: clear ``BuilderFlag.TF32`` so ``fp32`` engines compute in true FP32.
     """
 
     precision: str
     graph_precision: str
-    strongly_typed: bool
-    fp16_flag: bool
+    trt_major: int
     disable_tf32: bool
 
     @property
     def typing(self) -> str:
-        return "strong" if self.strongly_typed else "weak"
+        """Always ``"strong"``: the one typing mode of every supported version."""
+        return "strong"
+
+    def network_flags(self, strongly_typed_bit: int) -> int:
+        """The ``flags`` of ``Builder.create_network``; ``strongly_typed_bit``:
+        ``int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)``. See :func:`network_flags`."""
+        return network_flags(self.trt_major, strongly_typed_bit)
 
 
-def build_plan(
-    trt_version: str, has_fp16_flag: bool, precision: str, strongly_typed: bool | None = None
-) -> BuildPlan:
-    """Choose graphs and builder flags for ``precision`` on a TensorRT version (see the module docstring).
+def network_flags(trt_major: int, strongly_typed_bit: int) -> int:
+    """``Builder.create_network(flags)`` for a strongly typed network.
+
+    TensorRT 10 builds weakly typed networks unless ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` is set
+    (``1 << STRONGLY_TYPED``); in TensorRT 11 every network is strongly typed and that flag is deprecated
+    ("always enabled", ``pyCore.cpp`` of 11.0), so nothing is passed.
+    """
+    if trt_major == 10:
+        return 1 << int(strongly_typed_bit)
+    if trt_major == 11:
+        return 0
+    raise BackendUnavailable(
+        f"TensorRT {trt_major}.x is not supported (supported majors: {list(SUPPORTED_TRT_MAJORS)})"
+    )
+
+
+def build_plan(trt_version: str, precision: str) -> BuildPlan:
+    """Graphs and builder settings for ``precision`` on a TensorRT version (see the module docstring).
 
     Args:
         trt_version: ``tensorrt.__version__``.
-        has_fp16_flag: ``hasattr(tensorrt.BuilderFlag, "FP16")`` (False from TensorRT 11).
         precision: ``"fp32"`` or ``"fp16"``.
-        strongly_typed: force strong typing (FP16 graphs) where the version allows both; ``None`` chooses
-            strong typing exactly when the FP16 flag is gone.
 
     Raises:
         BackendUnavailable: an unsupported TensorRT major version.
-        ConfigError: a weakly typed build asked for where TensorRT has no FP16 flag, or an unknown precision.
+        ConfigError: an unknown precision.
     """
     major = _major(trt_version)
     if major not in SUPPORTED_TRT_MAJORS:
@@ -196,17 +363,7 @@ def build_plan(
         )
     if precision not in ("fp32", "fp16"):
         raise ConfigError(f"engine precision {precision!r}; expected 'fp32' or 'fp16'")
-    strong = (not has_fp16_flag) if strongly_typed is None else strongly_typed
-    if not strong and not has_fp16_flag and precision == "fp16":
-        raise ConfigError(
-            f"TensorRT {trt_version} has no BuilderFlag.FP16 (its networks are strongly typed): "
-            "build fp16 engines from the FP16 graphs (strongly_typed=True)"
-        )
-    if precision == "fp32":
-        return BuildPlan("fp32", "fp32", strongly_typed=strong, fp16_flag=False, disable_tf32=True)
-    if strong:
-        return BuildPlan("fp16", "fp16", strongly_typed=True, fp16_flag=False, disable_tf32=False)
-    return BuildPlan("fp16", "fp32", strongly_typed=False, fp16_flag=True, disable_tf32=False)
+    return BuildPlan(precision, precision, trt_major=major, disable_tf32=precision == "fp32")
 
 
 def engine_file(stage: str, precision: str) -> str:
@@ -255,7 +412,6 @@ def engine_manifest(
         "precision": plan.precision,
         "graph_precision": plan.graph_precision,
         "typing": plan.typing,
-        "fp16_flag": plan.fp16_flag,
         "tf32": not plan.disable_tf32,
         "environment": env.to_dict(),
         "workspace_gib": workspace_gib,
@@ -403,19 +559,17 @@ def build_engines(
     workspace_gib: float = 4,
     timing_cache: Path | None = None,
     profile: StageProfile | None = None,
-    strongly_typed: bool | None = None,
 ) -> EngineBuildResult:
     """Build one TensorRT engine per stage of a stage folder.
 
     Args:
         stage_dir: made by :func:`~cellseg_deploy.export.staged.export_staged` (or its ``manifest.json``).
         out_dir: engine folder; default ``<stage_dir>/engines/<fp16|fp32>``.
-        fp16: build FP16 engines (see :func:`build_plan` for how, per TensorRT version), else FP32.
+        fp16: build FP16 engines from the FP16 stage graphs (strongly typed, see :func:`build_plan`), else FP32.
         workspace_gib: builder workspace limit in GiB.
         timing_cache: timing cache file, read if present and rewritten after the builds; default
             ``<stage_dir>/engines/timing.cache`` (shared by both precisions).
         profile: optimisation profile; default the stage folder's.
-        strongly_typed: see :func:`build_plan`.
 
     Raises:
         BackendUnavailable: no TensorRT or no GPU (checked first, one line with the install hint).
@@ -425,7 +579,7 @@ def build_engines(
     start = time.perf_counter()
     folder = load_stage_folder(Path(stage_dir))
     precision = "fp16" if fp16 else "fp32"
-    plan = build_plan(str(trt.__version__), hasattr(trt.BuilderFlag, "FP16"), precision, strongly_typed)
+    plan = build_plan(str(trt.__version__), precision)
     graphs = folder.graphs(plan.graph_precision)
     profile = profile or folder.profile
     if workspace_gib <= 0:
@@ -491,31 +645,55 @@ def _build_one(
 ) -> tuple[bytes, bytes]:
     """Parse one ONNX graph and build its serialized engine; returns ``(engine, updated timing cache)``."""
     builder = trt.Builder(logger)
-    flags = 0
-    if plan.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(
+        plan.network_flags(int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    )
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(graph)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelFileError(f"TensorRT could not parse {graph}: {errors[:500]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if plan.fp16_flag:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if plan.disable_tf32 and hasattr(trt.BuilderFlag, "TF32"):
+    if plan.disable_tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     lo, opt, hi = shapes
     profile.set_shape(input_name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("timing cache does not fit this TensorRT/GPU; starting a new one")
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    attach_timing_cache(config, cache_bytes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelFileError(f"TensorRT failed to build an engine from {graph}; see its log above")
     new_cache = bytes(memoryview(config.get_timing_cache().serialize()))
     return bytes(memoryview(serialized)), new_cache
+
+
+def attach_timing_cache(config: Any, cache_bytes: bytes) -> str:
+    """Give ``config`` the timing cache in ``cache_bytes``, or a new empty one when TensorRT refuses it.
+
+    TensorRT refuses a cache in two ways: ``create_timing_cache`` returns ``None`` for bytes it cannot read
+    (a cache written by another TensorRT version, e.g. a ``timing.cache`` shared across the 10 to 11
+    upgrade), and ``set_timing_cache(..., ignore_mismatch=False)`` returns False for a cache made on another
+    GPU. Either way the build goes on with a new cache, which replaces the file afterwards.
+
+    Returns:
+        ``"reused"``, ``"new"`` (no bytes given), ``"unreadable"`` or ``"other GPU"`` (for the log and tests).
+    """
+    if cache_bytes:
+        cache = config.create_timing_cache(cache_bytes)
+        if cache is None:
+            log.warning(
+                "timing cache is not readable by this TensorRT (another version?); starting a new one"
+            )
+            outcome = "unreadable"
+        elif config.set_timing_cache(cache, ignore_mismatch=False):
+            return "reused"
+        else:
+            log.warning("timing cache was made on another GPU; starting a new one")
+            outcome = "other GPU"
+    else:
+        outcome = "new"
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise ModelFileError("TensorRT could not create an empty timing cache")
+    return outcome

@@ -15,7 +15,11 @@ Per image batch::
 The host steps are torchvision's own modules, built from the model config stored in the stage manifest (they
 hold no weights: anchors, box coder, RoIAlign and thresholds are all fixed by the config), so the staged
 pipeline computes what torchvision computes, and NMS (boxes offset by ~1e5 per class) stays FP32.
-They run on the runner's device (the GPU with TensorRT).
+They run on the runner's device (the GPU with TensorRT). Anchors are computed once per padded input size
+and reused (:class:`AnchorCache`). Host-device synchronisations are counted per image
+(:class:`SyncCounter`, ``info()["host_syncs_per_image"]``) and kept to those the results need: stage timings
+use device events on TensorRT (one synchronisation per batch instead of one per stage), and the detections
+of an image come back to the host in one copy.
 
 Registered runners:
 
@@ -26,20 +30,22 @@ Registered runners:
 
 Precision ``fp32`` or ``fp16`` selects the stage graphs (``staged-onnx``) or engines (``trt``). Options:
 ``max_batch`` (images per backbone call; at most the profile's batch maximum), for ``trt`` also ``rebuild``
-(rebuild engines that are missing or were built for another TensorRT/GPU), ``cuda_graphs``, ``workspace_gib``.
+(rebuild engines that are missing or were built for another TensorRT/GPU), ``cuda_graphs``, ``workspace_gib``;
+for ``staged-onnx`` and ``staged-torch`` ``tf32`` (allow TF32 for fp32 work on a GPU; default off).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
 from cellseg_deploy.export.staged import (
@@ -95,12 +101,51 @@ def build_host_model(config: ModelConfig) -> nn.Module:
     return model.eval()
 
 
+class AnchorCache:
+    """torchvision's anchors, computed once per padded input size.
+
+    ``AnchorGenerator`` makes the same anchors for every image of a padded batch ``[B, 3, H, W]``: they
+    depend only on ``H, W``, the feature-map sizes, dtype and device (not on the pixels). The cache keeps the
+    per-image anchors ``float32 [sum_l A * H_l * W_l, 4]`` by that key (at most ``max_entries`` sizes, least
+    recently used dropped).
+    """
+
+    def __init__(self, generator: Any, max_entries: int = 16) -> None:
+        self.generator = generator
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[Any, ...], torch.Tensor] = OrderedDict()
+        self.misses = 0
+
+    @staticmethod
+    def key(images: Any, features: list[torch.Tensor]) -> tuple[Any, ...]:
+        """``(H, W, feature sizes, dtype, device)`` of a batch: what the anchors depend on."""
+        h, w = images.tensors.shape[-2:]
+        sizes = tuple(tuple(f.shape[-2:]) for f in features)
+        return (int(h), int(w), sizes, features[0].dtype, str(features[0].device))
+
+    def __call__(self, images: Any, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Anchors for each image of ``images`` (the same tensor for all of them), as torchvision's."""
+        key = self.key(images, features)
+        anchors = self.entries.get(key)
+        if anchors is None:
+            self.misses += 1
+            first = type(images)(images.tensors[:1], images.image_sizes[:1])
+            anchors = self.generator(first, [f[:1] for f in features])[0]
+            self.entries[key] = anchors
+            if len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        return [anchors] * len(images.image_sizes)
+
+
 def rpn_proposals(
     rpn: Any,
     images: Any,
     features: list[torch.Tensor],
     objectness: list[torch.Tensor],
     deltas: list[torch.Tensor],
+    anchors: AnchorCache | None = None,
 ) -> list[torch.Tensor]:
     """torchvision ``RegionProposalNetwork.forward`` (eval) after its head: proposals per image.
 
@@ -109,18 +154,91 @@ def rpn_proposals(
         images: ``ImageList`` of the padded batch ``[B, 3, H, W]`` and its resized sizes.
         features: FPN maps, float32 ``[B, C, H_l, W_l]`` per level.
         objectness / deltas: RPN head outputs per level, ``[B, A, H_l, W_l]`` / ``[B, 4A, H_l, W_l]``.
+        anchors: a cache of the anchor generator (default: compute them, as torchvision does).
 
     Returns:
         float32 ``[P_i, 4]`` proposals ``x1, y1, x2, y2`` in resized-image pixels, per image.
     """
     from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-    anchors = rpn.anchor_generator(images, features)
+    anchors_per_image = (anchors or rpn.anchor_generator)(images, features)
     num_anchors_per_level = [int(o[0].numel()) for o in objectness]
     flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
-    proposals = rpn.box_coder.decode(flat_deltas, anchors).view(len(anchors), -1, 4)
+    proposals = rpn.box_coder.decode(flat_deltas, anchors_per_image).view(len(anchors_per_image), -1, 4)
     boxes, _ = rpn.filter_proposals(proposals, flat_objectness, images.image_sizes, num_anchors_per_level)
     return list(boxes)
+
+
+_SYNCING_OPS = frozenset(
+    {
+        "item",
+        "tolist",
+        "__bool__",
+        "__int__",
+        "__float__",
+        "__index__",
+        "numpy",
+        "cpu",
+        "nonzero",
+        "argwhere",
+        "masked_select",
+        "unique",
+        "unique_consecutive",
+        "bincount",
+        "nms",
+    }
+)
+"""torch functions whose result needs values of a GPU tensor on the host (a data-dependent shape, a Python
+number, a copy to host memory): each makes the host wait for the device."""
+
+
+def _is_bool_index(index: Any) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+def op_synchronises(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    """Whether torch function ``name`` called with ``args`` waits for a CUDA device when its tensors are on
+    one: :data:`_SYNCING_OPS`, ``torch.where(condition)`` (one argument: ``nonzero``), indexing with a bool
+    mask, and ``repeat_interleave`` without ``output_size``."""
+    if name in _SYNCING_OPS:
+        return True
+    if name == "where":
+        return len(args) + len(kwargs) == 1
+    if name in ("__getitem__", "__setitem__"):
+        return len(args) > 1 and _is_bool_index(args[1])
+    if name == "repeat_interleave":
+        return "output_size" not in kwargs and any(isinstance(a, torch.Tensor) for a in args[1:2])
+    return False
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts the torch calls of the host steps that synchronise a CUDA device (:func:`op_synchronises`).
+
+    The count is by kind of operation, so it is the same on the CPU (where nothing waits) as on a GPU for
+    the same detections: what a change to the host steps saves on a GPU shows on the CPU. Calls made while
+    :attr:`paused` (inside a stage executor, which counts its own in ``executor.syncs``) are not counted.
+
+    Attributes:
+        count: synchronising calls so far; by_op: the same per function name.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.by_op: Counter[str] = Counter()
+        self.paused = False
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if not self.paused:
+            name = getattr(func, "__name__", "")
+            if op_synchronises(name, args, kwargs):
+                self.count += 1
+                self.by_op[name] += 1
+        return func(*args, **kwargs)
 
 
 class StagedPipeline:
@@ -129,6 +247,12 @@ class StagedPipeline:
     Args:
         folder: the stage folder (model config, geometry, profile).
         executor: runs the stage graphs; its ``device`` is where the host steps run.
+        profile: the shapes the stages take (default the folder's; engines carry their own).
+
+    Attributes:
+        syncs_per_image: host-device synchronisations of the last :meth:`detect` call per image (host steps
+            counted by :class:`SyncCounter`, plus the executor's own).
+        sync_ops: the synchronising calls of the last call, by function name (per batch).
     """
 
     def __init__(
@@ -140,12 +264,13 @@ class StagedPipeline:
         self.config = folder.model_config
         self.geometry: StageGeometry = folder.geometry
         self.profile = profile or folder.profile
-        self.host: Any = build_host_model(self.config).to(self.device)
+        host: Any = build_host_model(self.config).to(self.device)
+        self.host = host
+        self.anchors = AnchorCache(host.rpn.anchor_generator)
         self.outputs = {s: folder.output_names(s) for s in MODEL_STAGES}
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.syncs_per_image = 0.0
+        self.sync_ops: dict[str, int] = {}
+        self._counter: SyncCounter | None = None
 
     def preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """RGB uint8 ``[H, W, 3]`` images -> padded float32 batch ``[B, 3, H', W']`` on the device and the
@@ -154,6 +279,17 @@ class StagedPipeline:
         with torch.inference_mode():
             batch, _ = self.host.transform(tensors)
         return batch.tensors, [(int(h), int(w)) for h, w in batch.image_sizes]
+
+    def _stage(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One executor call (its synchronisations are the executor's to count)."""
+        counter = self._counter
+        if counter is not None:
+            counter.paused = True
+        try:
+            return self.executor.run(stage, inputs)
+        finally:
+            if counter is not None:
+                counter.paused = False
 
     def _run_rois(
         self, stage: str, features: torch.Tensor, record: dict[str, Any] | None
@@ -166,13 +302,11 @@ class StagedPipeline:
         limit = self.profile.max_rois(stage)
         bucket = self.executor.roi_bucket
         chunks = []
-        for start in range(0, count, limit):
-            part = features[start : start + limit]
-            n = int(part.shape[0])
-            if bucket > 0 and n % bucket:
-                padded = min(-(-n // bucket) * bucket, max(limit, n))
+        for start, n, padded in roi_chunks(count, limit, bucket):
+            part = features[start : start + n]
+            if padded > n:
                 part = torch.cat([part, part.new_zeros((padded - n, *part.shape[1:]))])
-            out = self.executor.run(stage, {STAGE_INPUTS[stage]: part})
+            out = self._stage(stage, {STAGE_INPUTS[stage]: part})
             chunks.append({k: v[:n] for k, v in out.items()})
         outs = {k: torch.cat([c[k] for c in chunks]) if len(chunks) > 1 else chunks[0][k] for k in chunks[0]}
         if record is not None:
@@ -196,6 +330,7 @@ class StagedPipeline:
         *,
         timings: dict[str, float] | None = None,
         record: dict[str, Any] | None = None,
+        clock: _Clock | None = None,
     ) -> list[RawOutput]:
         """Detections for a padded batch, in resized-image pixels.
 
@@ -204,6 +339,7 @@ class StagedPipeline:
             image_sizes: resized ``(h, w)`` of each image inside the padding.
             timings: if given, seconds per stage are added to it (keys :data:`TIMING_KEYS`).
             record: if given, every stage's outputs are stored in it by stage name (for checks).
+            clock: the clock ``timings`` are taken with, when the caller started it earlier.
 
         Returns:
             per image ``(boxes float32 [N, 4], labels int64 [N], scores float32 [N], mask_probs float32 [N, M, M])``.
@@ -211,10 +347,10 @@ class StagedPipeline:
         from torchvision.models.detection.image_list import ImageList
         from torchvision.models.detection.roi_heads import maskrcnn_inference
 
-        clock = _Clock(self._sync, timings)
+        clock = clock or _Clock(self.executor, timings)
         rh = self.host.roi_heads
         with torch.inference_mode():
-            out = self.executor.run("backbone_rpn", {"images": batch})
+            out = self._stage("backbone_rpn", {"images": batch})
             if record is not None:
                 record["backbone_rpn"] = out
             clock.lap("backbone_rpn")
@@ -223,7 +359,9 @@ class StagedPipeline:
             objectness = [out[f"rpn_logits_{i}"] for i in range(len(levels))]
             deltas = [out[f"rpn_deltas_{i}"] for i in range(len(levels))]
             image_list = ImageList(batch, image_sizes)
-            proposals = rpn_proposals(self.host.rpn, image_list, list(features.values()), objectness, deltas)
+            proposals = rpn_proposals(
+                self.host.rpn, image_list, list(features.values()), objectness, deltas, self.anchors
+            )
             if record is not None:
                 record["_features"], record["_proposals"] = features, proposals
             box_features = rh.box_roi_pool(features, proposals, image_sizes)
@@ -239,61 +377,114 @@ class StagedPipeline:
             clock.lap("mask_head")
             probs = maskrcnn_inference(masks["mask_logits"], labels)
             clock.lap("mask_post")
+        clock.finish()
         return [(b, lab, s, p[:, 0]) for b, lab, s, p in zip(boxes, labels, scores, probs, strict=True)]
 
     def detect(self, images: list[np.ndarray]) -> list[Detections]:
         """:class:`Detections` (original-image pixels, host numpy) for images of any sizes, as one batch."""
-        from torchvision.models.detection.transform import resize_boxes
-
-        timings: dict[str, float] = {}
-        clock = _Clock(self._sync, timings)
-        batch, sizes = self.preprocess(images)
-        problem = self.profile.image_problem(*batch.shape[:1], *batch.shape[2:])
-        if problem is not None and self.executor.name == "tensorrt":
-            raise UserError(problem)
-        clock.lap("preprocess")
-        outs = self.forward(batch, sizes, timings=timings)
-        t0 = time.perf_counter()
-        results = []
-        for im, resized, (boxes, labels, scores, probs) in zip(images, sizes, outs, strict=True):
-            original = (int(im.shape[0]), int(im.shape[1]))
-            boxes = resize_boxes(boxes, list(resized), list(original))
-            results.append(
-                Detections(
-                    boxes=boxes.float().cpu().numpy(),
-                    labels=labels.cpu().numpy().astype(np.int64),
-                    scores=scores.float().cpu().numpy(),
-                    mask_probs=probs.float().cpu().numpy(),
-                    image_size=original,
-                )
-            )
-        timings["mask_post"] = time.perf_counter() - t0 + timings.get("mask_post", 0.0)
-        timings["network"] = sum(timings.get(s, 0.0) for s in MODEL_STAGES)
+        counter = SyncCounter()
+        syncs_before = self.executor.syncs
+        self._counter = counter
+        try:
+            with counter:
+                results, timings = self._detect(images)
+        finally:
+            self._counter = None
+        self.sync_ops = dict(counter.by_op)
+        self.syncs_per_image = (counter.count + self.executor.syncs - syncs_before) / len(images)
         per_image = {k: v / len(images) for k, v in timings.items()}
         for det in results:
             det.timings = dict(per_image)
         return results
 
+    def _detect(self, images: list[np.ndarray]) -> tuple[list[Detections], dict[str, float]]:
+        from torchvision.models.detection.transform import resize_boxes
+
+        timings: dict[str, float] = {}
+        clock = _Clock(self.executor, timings)
+        batch, sizes = self.preprocess(images)
+        problem = self.profile.image_problem(*batch.shape[:1], *batch.shape[2:])
+        if problem is not None and self.executor.name == "tensorrt":
+            raise UserError(problem)
+        clock.lap("preprocess")
+        outs = self.forward(batch, sizes, timings=timings, clock=clock)
+        t0 = time.perf_counter()
+        results = []
+        for im, resized, (boxes, labels, scores, probs) in zip(images, sizes, outs, strict=True):
+            original = (int(im.shape[0]), int(im.shape[1]))
+            boxes = resize_boxes(boxes, list(resized), list(original))
+            results.append(to_host_detections(boxes, labels, scores, probs, original))
+        timings["mask_post"] = time.perf_counter() - t0 + timings.get("mask_post", 0.0)
+        timings["network"] = sum(timings.get(s, 0.0) for s in MODEL_STAGES)
+        return results, timings
+
+
+def roi_chunks(count: int, limit: int, bucket: int) -> list[tuple[int, int, int]]:
+    """How a head runs ``count`` RoIs with at most ``limit`` per call: ``(start, n, padded)`` per call, where
+    ``padded >= n`` is ``n`` rounded up to a multiple of ``bucket`` (``bucket`` 0: no padding), but never
+    above ``max(limit, n)``."""
+    out = []
+    for start in range(0, count, limit):
+        n = min(limit, count - start)
+        padded = n
+        if bucket > 0 and n % bucket:
+            padded = min(-(-n // bucket) * bucket, max(limit, n))
+        out.append((start, n, padded))
+    return out
+
+
+def to_host_detections(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    probs: torch.Tensor,
+    size: tuple[int, int],
+) -> Detections:
+    """One image's detections in host memory, in **one** copy from the device: boxes ``[N, 4]``, scores, and
+    labels (small integers, exact in float32) and the ``[N, M, M]`` mask probabilities packed into one
+    float32 ``[N, 6 + M * M]`` tensor, split again on the host."""
+    n = int(boxes.shape[0])
+    m = int(probs.shape[-1]) if probs.dim() == 3 else 28
+    packed = torch.cat(
+        [boxes.float(), scores.float()[:, None], labels.float()[:, None], probs.float().reshape(n, -1)], dim=1
+    )
+    host = packed.cpu().numpy()
+    return Detections(
+        boxes=np.ascontiguousarray(host[:, :4]),
+        labels=host[:, 5].astype(np.int64),
+        scores=np.ascontiguousarray(host[:, 4]),
+        mask_probs=np.ascontiguousarray(host[:, 6:]).reshape(n, m, m),
+        image_size=size,
+    )
+
 
 class _Clock:
-    """Adds the seconds since the last lap to ``timings[key]`` (synchronising the device first)."""
+    """Stage timings from the executor's marks: host seconds after a synchronisation, or (TensorRT) device
+    events that need one synchronisation at :meth:`finish` instead of one per lap."""
 
-    def __init__(self, sync: Callable[[], None], timings: dict[str, float] | None) -> None:
-        self.sync = sync
+    def __init__(self, executor: StageExecutor, timings: dict[str, float] | None) -> None:
+        self.executor = executor
         self.timings = timings
-        self.last = time.perf_counter()
+        self.marks: list[tuple[str, Any]] = []
+        self.start = executor.mark() if timings is not None else None
 
     def lap(self, key: str) -> None:
-        if self.timings is None:
+        if self.timings is not None:
+            self.marks.append((key, self.executor.mark()))
+
+    def finish(self) -> None:
+        if self.timings is None or not self.marks:
             return
-        self.sync()
-        now = time.perf_counter()
-        self.timings[key] = self.timings.get(key, 0.0) + now - self.last
-        self.last = now
+        if self.executor.marks_need_sync:
+            self.executor.synchronize()
+        last = self.start
+        for key, mark in self.marks:
+            self.timings[key] = self.timings.get(key, 0.0) + self.executor.elapsed_s(last, mark)
+            last = mark
 
 
 class _StagedRunnerBase(Runner):
-    """Shared by ``staged-onnx`` and ``trt``: a :class:`StagedPipeline` over an executor."""
+    """Shared by ``staged-onnx``, ``staged-torch`` and ``trt``: a :class:`StagedPipeline` over an executor."""
 
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
     model_suffixes: ClassVar[tuple[str, ...]] = ("/", ".json")
@@ -302,13 +493,19 @@ class _StagedRunnerBase(Runner):
     def _make_pipeline(self) -> StagedPipeline:
         raise NotImplementedError
 
-    def _load(self) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+    def _check_device(self) -> None:
+        """Refuse a CUDA device torch cannot see (before any model is read)."""
+        from cellseg_deploy.runners.devices import parse_device
+
+        if parse_device(self.device)[0] == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(
                 f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu"
             )
+
+    def _load(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self._check_device()
         self.pipeline = self._make_pipeline()
         profile_batch = self.pipeline.profile.batch[2]
         self.max_batch = int(self.options.get("max_batch", profile_batch))
@@ -336,15 +533,19 @@ class _StagedRunnerBase(Runner):
         return {
             "arch": self.pipeline.config.arch,
             "stages": str(self.pipeline.folder.root),
+            "host_syncs_per_image": self.pipeline.syncs_per_image,
+            "host_sync_ops": dict(self.pipeline.sync_ops),
             **self.pipeline.executor.info(),
         }
 
 
 @register_runner
 class StagedOnnxRunner(_StagedRunnerBase):
-    """Stage graphs on ONNX Runtime (CPU provider, or CUDA provider with ``--device cuda``); host steps FP32
-    PyTorch on the same device. ``fp16`` runs the ``*.fp16.onnx`` graphs (on the CPU, ONNX Runtime computes
-    FP16 nodes without a CPU kernel in FP32 between Casts, so values are FP16-rounded, not FP16-accumulated)."""
+    """Stage graphs on ONNX Runtime (CPU provider, or CUDA provider with ``--device cuda``, refused if ONNX
+    Runtime falls back to the CPU); host steps FP32 PyTorch on the same device. ``fp16`` runs the
+    ``*.fp16.onnx`` graphs (on the CPU, ONNX Runtime computes FP16 nodes without a CPU kernel in FP32 between
+    Casts, so values are FP16-rounded, not FP16-accumulated). Option ``tf32``: let the CUDA provider use TF32
+    for fp32 work (default off)."""
 
     name = "staged-onnx"
     description = "stage graphs on ONNX Runtime + torchvision FP32 host steps"
@@ -359,7 +560,12 @@ class StagedOnnxRunner(_StagedRunnerBase):
 
     def _make_pipeline(self) -> StagedPipeline:
         folder = load_stage_folder(self.model_path)
-        executor = OrtExecutor(folder.graphs(self.precision), device=self.device, threads=self.threads)
+        executor = OrtExecutor(
+            folder.graphs(self.precision),
+            device=self.device,
+            threads=self.threads,
+            tf32=_flag(self.options.get("tf32", False)),
+        )
         return StagedPipeline(folder, executor)
 
 
@@ -389,23 +595,29 @@ def load_stage_checkpoint(folder: StageFolder, path: Path | None = None) -> Any:
 
 
 def torch_stage_executor(
-    folder: StageFolder, precision: str, *, device: str = "cpu", checkpoint: Path | None = None
+    folder: StageFolder,
+    precision: str,
+    *,
+    device: str = "cpu",
+    checkpoint: Path | None = None,
+    tf32: bool = False,
 ) -> StageExecutor:
     """A :class:`~cellseg_deploy.runners.stage_executors.TorchExecutor` running the stage modules of the
-    folder's source checkpoint in ``precision`` (what the graphs were traced from)."""
+    folder's source checkpoint in ``precision`` (what the graphs were traced from); ``tf32`` as there."""
     from cellseg_deploy.export.staged import build_stage_modules
     from cellseg_deploy.runners.stage_executors import TorchExecutor
 
     model = load_stage_checkpoint(folder, checkpoint).build_model()
     modules = build_stage_modules(model, precision)
-    return TorchExecutor(modules, {s: folder.output_names(s) for s in MODEL_STAGES}, device=device)
+    return TorchExecutor(modules, {s: folder.output_names(s) for s in MODEL_STAGES}, device=device, tf32=tf32)
 
 
 @register_runner
 class StagedTorchRunner(_StagedRunnerBase):
     """The stage modules in PyTorch (from the checkpoint the stage folder references, SHA-256 checked) with the
     same host steps: ``fp16`` keeps every activation in FP16, on the CPU too, so it is the faithful FP16
-    reference without a GPU. Option ``checkpoint``: where the source checkpoint is now, if it moved."""
+    reference without a GPU. Options: ``checkpoint`` (where the source checkpoint is now, if it moved),
+    ``tf32`` (allow TF32 for fp32 stages on a GPU; default off, fp32 computes in fp32)."""
 
     name = "staged-torch"
     description = "stage modules in PyTorch (fp16: real FP16 activations, CPU or GPU) + FP32 host steps"
@@ -414,7 +626,11 @@ class StagedTorchRunner(_StagedRunnerBase):
         folder = load_stage_folder(self.model_path)
         path = self.options.get("checkpoint")
         executor = torch_stage_executor(
-            folder, self.precision, device=self.device, checkpoint=Path(path) if path else None
+            folder,
+            self.precision,
+            device=self.device,
+            checkpoint=Path(path) if path else None,
+            tf32=_flag(self.options.get("tf32", False)),
         )
         return StagedPipeline(folder, executor)
 
@@ -438,9 +654,17 @@ class TrtRunner(_StagedRunnerBase):
 
         return trt_unavailable_reason()
 
+    def _check_device(self) -> None:
+        """TensorRT and its GPU are checked by :func:`~cellseg_deploy.export.tensorrt.require_tensorrt`."""
+        from cellseg_deploy.export.tensorrt import cuda_index, require_tensorrt
+
+        require_tensorrt()
+        cuda_index(self.device)
+
     def _make_pipeline(self) -> StagedPipeline:
         from cellseg_deploy.export.tensorrt import (
             build_engines,
+            cuda_index,
             current_environment,
             engine_mismatch,
             load_engine_set,
@@ -448,12 +672,10 @@ class TrtRunner(_StagedRunnerBase):
         )
         from cellseg_deploy.runners.stage_executors import TrtExecutor
 
-        device = self.device if self.device.startswith("cuda") else ""
-        if not device:
-            raise UserError("the trt runner runs on an NVIDIA GPU; pass --device cuda (or cuda:N)")
+        device = f"cuda:{cuda_index(self.device)}"
         rebuild = _flag(self.options.get("rebuild", False))
         manifest_path = resolve_engine_manifest(self.model_path, self.precision)
-        env = current_environment(torch.device(device).index or 0)
+        env = current_environment(device)
         reason: str | None
         if manifest_path.is_file():
             engines = load_engine_set(manifest_path)

@@ -42,3 +42,6 @@ def torch_predictions(
 
     with create_runner("torch", random_tiny_checkpoint) as runner:
         return {i: runner.predict(im) for i, im in cell_images.items()}
+
+
+from tests.trt_double import trt_double  # noqa: E402, F401  (the TensorRT + CUDA doubles, as a fixture)
