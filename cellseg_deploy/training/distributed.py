@@ -23,6 +23,7 @@ has no CPU kernel).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from cellseg_deploy.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,17 @@ def init_distributed(
     if wait_timeout_min <= 0:
         raise ConfigError(f"val.timeout_min: must be > 0, got {wait_timeout_min}")
     if not dist.is_initialized():
-        dist.init_process_group(**process_group_options(device_type, local_rank, timeout_min))
+        options = process_group_options(device_type, local_rank, timeout_min)
+        dist.init_process_group(**options)
         initialized = True
+        log.info(
+            "rank %d/%d: process group %s on %s (timeout %.0f min)",
+            rank,
+            world,
+            options["backend"],
+            options.get("device_id", "cpu"),
+            timeout_min,
+        )
     else:
         initialized = False
     wait_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=wait_timeout_min))

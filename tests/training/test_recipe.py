@@ -153,3 +153,22 @@ def test_gpu_defaults_fast_kernels_and_data_workers() -> None:
         gpu = load_recipe(name)
         assert gpu.train.deterministic is False and gpu.data.num_workers is None
     assert load_recipe("tiny_cpu", ["data.num_workers=3"]).data.num_workers == 3
+
+
+def test_training_and_validation_run_without_tf32_unless_asked() -> None:
+    """Issue 21.3: the run's torch settings turn TF32 off (fp32 training and validation are fp32 on a GPU)."""
+    import torch
+
+    from cellseg_deploy.runners.devices import restore_tf32, set_tf32
+    from cellseg_deploy.training.loop import _torch_settings
+
+    before = set_tf32(True)  # cuDNN TF32 is torch's own default
+    try:
+        with _torch_settings(1, deterministic=False):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert torch.backends.cudnn.allow_tf32 is True  # restored
+        with _torch_settings(1, deterministic=False, allow_tf32=True):
+            assert torch.backends.cudnn.allow_tf32 is True
+        assert load_recipe("tiny_cpu", ["train.tf32=true"]).train.tf32 is True
+    finally:
+        restore_tf32(before)
