@@ -287,7 +287,7 @@ def write_report(
                 o.get("extra"),
                 _num(o.get("max_box_diff")),
                 _num(o.get("min_iou")),
-                _num(o.get("ap50_vs_ref")),
+                _num(o.get("agreement")),
             ]
         )
     lines += [
@@ -302,7 +302,7 @@ def write_report(
                 "extra",
                 "max box diff (px)",
                 "min mask IoU",
-                "AP50 vs torch",
+                "agreement",
             ],
         ),
         "",

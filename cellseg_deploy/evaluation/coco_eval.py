@@ -115,7 +115,9 @@ def gt_from_instances(
 ) -> dict[str, Any]:
     """A COCO ground-truth dict made of predicted instances (e.g. a reference backend's output).
 
-    Used to score a candidate backend against the reference's predictions: instances with
+    For scoring one prediction set against another. Not a fidelity measure of a backend: COCOeval of a set
+    against itself stays below 1.0 when it holds overlapping same-class instances or empty masks (parity
+    uses the agreement of its own matching instead). Instances with
     ``score >= score_thresh`` become ground-truth objects (``iscrowd`` 0, ``area`` the mask's pixel
     count, ``bbox`` the detector's box as ``[x, y, w, h]``); annotation ids run from 1 (COCOeval treats
     id 0 as "no match"). Every image in ``images`` is listed, including images with no instance left.

@@ -16,6 +16,7 @@ import pytest
 
 from cellseg_deploy.cli.main import main
 from cellseg_deploy.errors import ModelFileError, UserError
+from cellseg_deploy.evaluation.parity import PROFILES, min_gt_for_ap_gate
 
 ov = pytest.importorskip(
     "openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'"
@@ -75,6 +76,10 @@ def test_int8_passes_parity_and_the_ap50_gate(trained_tiny, trained_int8: Path, 
             "int8",
             "--data",
             str(data),
+            # every image of the set: the 2 validation images hold ~40 cells, where one flipped instance
+            # moves AP50 by ~0.025 and the gate would measure noise (it differed by CPU kind)
+            "--split",
+            "all",
             "--no-progress",
             "--json",
             str(report_path),
@@ -84,7 +89,10 @@ def test_int8_passes_parity_and_the_ap50_gate(trained_tiny, trained_int8: Path, 
     assert code == 0, report["failures"]
     assert report["candidate"]["execution_precision"].startswith("int8+")
     assert report["ap50_gt"]["reference"] > 0.2
-    assert abs(report["ap50_gt"]["diff"]) <= 0.015  # the int8 profile's limit
+    gate = next(c for c in report["checks"] if c["key"] == "ap50_gt_diff")
+    assert gate["judged"], gate  # enough ground truth behind it for the int8 tolerance
+    assert gate["n"] >= min_gt_for_ap_gate(PROFILES["int8"].max_ap50_gt_diff)
+    assert abs(report["ap50_gt"]["diff"]) <= PROFILES["int8"].max_ap50_gt_diff
 
 
 @pytest.mark.skipif("not _int8_capable()", reason="OpenVINO reports no int8 support on this CPU")

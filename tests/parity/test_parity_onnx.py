@@ -202,3 +202,16 @@ def test_nothing_above_the_threshold_fails_in_one_line(
     assert err[-1].startswith(
         "FAILED: parity (fp32) failed: nothing was compared: no instance of either side"
     )
+
+
+def test_a_checkpoint_agrees_with_itself_on_the_real_sample(
+    parity_model: ParityModel, hw3_sample: Path, tmp_path: Path
+) -> None:
+    """The users' own data (125+ touching nuclei) with a model never trained on it: many overlapping low-score
+    detections. The checkpoint against itself passes with agreement exactly 1.0."""
+    argv = ["parity", str(parity_model.checkpoint), "--candidate", str(parity_model.checkpoint), "--engine"]
+    argv += ["torch", "--data", str(hw3_sample), "--split", "all", "--score-thresh", "0.05", "--no-progress"]
+    assert main([*argv, "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    agreement = next(c for c in report["checks"] if c["key"] == "agreement")
+    assert agreement["value"] == 1.0 and agreement["n"] >= 20
