@@ -540,6 +540,7 @@ class _Run:
             self.data_root, r.data, augment=r.augment, seed=r.seed
         )
         self.gt = validation_ground_truth(self.val_ds) if self.info.is_main else {}
+        wait_for_main(self.info)  # rank 0 decoded the validation set alone; DDP's first broadcast follows
         self.optimizer = _make_optimizer(self.model, r)
         self.sampler: DistributedSampler[Any] = DistributedSampler(
             self.train_ds, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=True, seed=r.seed
