@@ -36,9 +36,10 @@ for ``staged-onnx`` and ``staged-torch`` ``tf32`` (allow TF32 for fp32 work on a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -241,6 +242,27 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+HOST_THREADS = 1
+"""torch threads for the host steps on the CPU. They are many small operations between stage runs, and two
+thread pools (torch's OpenMP team and ONNX Runtime's) taking turns on the same cores cost more than the
+second thread gains: on the 2-core test machine, under load, one thread for the host steps made a
+``staged-onnx`` image three times faster (docs/tensorrt.md has the measurement). Results do not change."""
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count at ``count`` inside the block (``None``: unchanged), restored after."""
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class StagedPipeline:
     """The host side of the staged model: preprocessing, the FP32 steps between stages, and stage calls.
 
@@ -270,6 +292,8 @@ class StagedPipeline:
         self.outputs = {s: folder.output_names(s) for s in MODEL_STAGES}
         self.syncs_per_image = 0.0
         self.sync_ops: dict[str, int] = {}
+        self.count_syncs = True
+        self.host_threads = HOST_THREADS if self.device.type == "cpu" else None
         self._counter: SyncCounter | None = None
 
     def preprocess(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -384,9 +408,12 @@ class StagedPipeline:
         """:class:`Detections` (original-image pixels, host numpy) for images of any sizes, as one batch."""
         counter = SyncCounter()
         syncs_before = self.executor.syncs
-        self._counter = counter
+        self._counter = counter if self.count_syncs else None
         try:
-            with counter:
+            with (
+                counter if self.count_syncs else contextlib.nullcontext(),
+                torch_threads(self.host_threads),
+            ):
                 results, timings = self._detect(images)
         finally:
             self._counter = None

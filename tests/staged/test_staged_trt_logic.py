@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellseg_deploy.errors import BackendUnavailable, ConfigError, ModelFileError
+from cellseg_deploy.errors import BackendUnavailable, ConfigError, ModelFileError, UserError
 from cellseg_deploy.export.staged import STAGES, load_stage_folder, stage_file
 from cellseg_deploy.export.tensorrt import (
     ENGINES_MANIFEST,
     TrtEnvironment,
     build_engines,
     build_plan,
+    cuda_index,
     engine_manifest,
     engine_mismatch,
     load_engine_set,
+    network_flags,
     resolve_engine_manifest,
     trt_unavailable_reason,
 )
@@ -32,39 +34,47 @@ TRT_RUNS_HERE = importlib.util.find_spec("tensorrt") is not None and torch.cuda.
 
 
 # -- build plans -----------------------------------------------------------------------------------------------
-def test_trt10_fp16_parses_fp32_graphs_with_the_fp16_flag() -> None:
-    plan = build_plan("10.9.0.34", True, "fp16")
-    assert (plan.graph_precision, plan.fp16_flag, plan.strongly_typed) == ("fp32", True, False)
-    assert plan.typing == "weak"
+@pytest.mark.parametrize("version", ["10.0.1", "10.9.0.34", "10.16.0", "11.0.0.1", "11.4.0"])
+def test_fp16_is_strongly_typed_from_the_fp16_graphs_on_every_version(version: str) -> None:
+    plan = build_plan(version, "fp16")
+    assert (plan.graph_precision, plan.typing, plan.disable_tf32) == ("fp16", "strong", False)
 
 
-def test_trt10_can_build_strongly_typed_from_the_fp16_graphs() -> None:
-    plan = build_plan("10.3.0", True, "fp16", strongly_typed=True)
-    assert (plan.graph_precision, plan.fp16_flag, plan.strongly_typed) == ("fp16", False, True)
+@pytest.mark.parametrize("version", ["10.9.0", "11.1.0"])
+def test_fp32_engines_use_fp32_graphs_without_tf32(version: str) -> None:
+    plan = build_plan(version, "fp32")
+    assert (plan.graph_precision, plan.typing, plan.disable_tf32) == ("fp32", "strong", True)
 
 
-def test_trt11_fp16_is_strongly_typed_from_the_fp16_graphs() -> None:
-    plan = build_plan("11.0.0.1", False, "fp16")
-    assert (plan.graph_precision, plan.fp16_flag, plan.strongly_typed) == ("fp16", False, True)
-    with pytest.raises(ConfigError, match=r"no BuilderFlag\.FP16"):
-        build_plan("11.0.0.1", False, "fp16", strongly_typed=False)
-
-
-@pytest.mark.parametrize(("version", "flag"), [("10.9.0", True), ("11.1.0", False)])
-def test_fp32_engines_use_fp32_graphs_without_tf32(version: str, flag: bool) -> None:
-    plan = build_plan(version, flag, "fp32")
-    assert (plan.graph_precision, plan.fp16_flag, plan.disable_tf32) == ("fp32", False, True)
+def test_network_flags_per_version() -> None:
+    """TensorRT 10 needs 1 << STRONGLY_TYPED; in 11 the flag is deprecated (always strongly typed)."""
+    assert network_flags(10, 1) == 2
+    assert build_plan("10.16.0", "fp16").network_flags(1) == 2
+    assert network_flags(11, 1) == 0
+    with pytest.raises(BackendUnavailable):
+        network_flags(12, 1)
 
 
 @pytest.mark.parametrize("version", ["8.6.1", "9.3.0", "12.0.0", "garbage"])
 def test_unsupported_versions_are_refused(version: str) -> None:
     with pytest.raises(BackendUnavailable, match="not supported"):
-        build_plan(version, True, "fp16")
+        build_plan(version, "fp16")
 
 
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ConfigError, match="precision"):
-        build_plan("10.9.0", True, "int8")
+        build_plan("10.9.0", "int8")
+
+
+@pytest.mark.parametrize(("device", "index"), [("cuda", 0), ("cuda:0", 0), ("cuda:3", 3), ("CUDA:1", 1)])
+def test_cuda_index(device: str, index: int) -> None:
+    assert cuda_index(device) == index
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu"])
+def test_cuda_index_refuses_other_devices(device: str) -> None:
+    with pytest.raises(UserError):
+        cuda_index(device)
 
 
 # -- mismatch checks -------------------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ def test_engine_manifest_records_environment_sources_and_relative_stage_dir(fake
         engines[stage] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
     from cellseg_deploy.export.staged import StageProfile
 
-    plan = build_plan("11.0.0", False, "fp16")
+    plan = build_plan("11.0.0", "fp16")
     manifest = engine_manifest(
         folder=folder,
         out_dir=out_dir,
