@@ -143,8 +143,9 @@ class ImageFailures:
         if failures:
             raise failures.error(len(paths), "the others are in report.json")
 
-    An unreadable image (:class:`DataError`, ``OSError``) and an image the model cannot run (any other
-    exception of the runner, ``MemoryError`` included) are recorded; an invalid model output
+    An unreadable image (:class:`DataError`, ``OSError``), one the runner refuses (:class:`UserError`, e.g.
+    a size a static export cannot take) and one the model cannot run (any other exception of the runner,
+    ``MemoryError`` included) are recorded; an invalid model output
     (:class:`~cellseg_deploy.errors.InvalidModelOutput`: the model file is broken, not the image) and
     interruptions are not caught. With ``strict``, the first failure stops the loop as :class:`DataError`.
 
@@ -168,7 +169,7 @@ class ImageFailures:
             return fn()
         except CheckFailed:
             raise  # a broken model (InvalidModelOutput) stops the run: every image would fail the same way
-        except (DataError, OSError) as exc:
+        except (UserError, OSError) as exc:  # unreadable, too large, or a size the model refuses
             reason = str(exc).replace(f"{image}: ", "")
             if isinstance(exc, OSError) and exc.strerror:
                 reason = f"cannot read file ({exc.strerror})"

@@ -111,3 +111,22 @@ def test_large_dense_overlay_never_builds_n_by_h_by_w() -> None:
         tracemalloc.stop()
     assert out.shape[1] == w
     assert peak < 8 * h * w * 3, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_thin_images_are_stretched_along_their_short_side() -> None:
+    from cellseg_deploy.evaluation.overlays import MIN_OVERLAY_SHORT_SIDE, overlay_scale
+
+    assert overlay_scale(257, 1) == (1, MIN_OVERLAY_SHORT_SIDE)
+    assert overlay_scale(1, 600) == (MIN_OVERLAY_SHORT_SIDE, 1)
+    assert overlay_scale(33, 35) == (8, 8)  # small images: one factor for both sides, as before
+    assert overlay_scale(500, 400) == (1, 1)
+    image = np.zeros((257, 1, 3), np.uint8)
+    inst = Instances(
+        boxes=np.zeros((0, 4), np.float32),
+        labels=np.zeros((0,), np.int64),
+        scores=np.zeros((0,), np.float32),
+        rles=[],
+        image_size=(257, 1),
+    )
+    out = draw_overlay(image, inst)
+    assert out.shape[0] > 257 and np.all(out[:257, :MIN_OVERLAY_SHORT_SIDE] == 0)

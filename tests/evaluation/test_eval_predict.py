@@ -304,7 +304,7 @@ def test_cli_eval_and_predict(
             str(random_tiny_checkpoint),
             str(folder),
             "--out",
-            str(tmp_path / "t.zip"),
+            str(tmp_path / "strict" / "t.zip"),  # its own folder: s.zip's test-results.json is not replaced
             "--strict",
             "--no-progress",
         ]
@@ -316,7 +316,7 @@ def test_cli_eval_and_predict(
             str(random_tiny_checkpoint),
             str(folder),
             "--out",
-            str(tmp_path / "u.zip"),
+            str(tmp_path / "ids" / "u.zip"),
             "--ids",
             str(dataset / "test_image_name_to_ids.json"),
             "--no-progress",
