@@ -44,6 +44,7 @@ def _register() -> None:
 
     for command in (data, train_cmd, export_cmd, parity_cmd, eval_cmd, predict_cmd, bench, demo):
         cli.add_command(command)
+    cli.add_command(__import__("cellseg_deploy.cli.scorecard", fromlist=["_"]).scorecard_cmd)
 
 
 _register()
