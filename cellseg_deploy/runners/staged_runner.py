@@ -471,9 +471,10 @@ def to_host_detections(
     labels (small integers, exact in float32) and the ``[N, M, M]`` mask probabilities packed into one
     float32 ``[N, 6 + M * M]`` tensor, split again on the host."""
     n = int(boxes.shape[0])
-    m = int(probs.shape[-1]) if probs.dim() == 3 else 28
+    m = int(probs.shape[-1])
     packed = torch.cat(
-        [boxes.float(), scores.float()[:, None], labels.float()[:, None], probs.float().reshape(n, -1)], dim=1
+        [boxes.float(), scores.float()[:, None], labels.float()[:, None], probs.float().reshape(n, m * m)],
+        dim=1,
     )
     host = packed.cpu().numpy()
     return Detections(

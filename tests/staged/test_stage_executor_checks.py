@@ -128,7 +128,7 @@ def test_anchor_cache_gives_torchvision_anchors_once_per_padded_size() -> None:
     cache = AnchorCache(generator, max_entries=1)
     for h, w in [(256, 320), (256, 320), (320, 256)]:
         images = ImageList(torch.zeros(2, 3, h, w), [(h, w - 10), (h - 20, w)])
-        feats = [torch.zeros(2, 8, h // s, w // s) for s in (4, 8, 16, 32, 64)]
+        feats = [torch.zeros(2, 8, h // 2**k, w // 2**k) for k in range(2, 2 + len(generator.sizes))]
         got = cache(images, feats)
         ref = generator(images, feats)
         assert len(got) == 2 and all(torch.equal(g, r) for g, r in zip(got, ref, strict=True))

@@ -71,7 +71,7 @@ def test_cuda_index(device: str, index: int) -> None:
     assert cuda_index(device) == index
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda:x", "gpu"])
+@pytest.mark.parametrize("device", ["cpu", "cuda:x", "tpu"])
 def test_cuda_index_refuses_other_devices(device: str) -> None:
     with pytest.raises(UserError):
         cuda_index(device)
