@@ -1,9 +1,10 @@
 """``cellseg-deploy demo``: the whole pipeline on built-in synthetic data, with a Markdown report.
 
-synthesise data -> check it -> train the tiny recipe -> export ONNX and the staged graphs -> parity of every
-backend against PyTorch -> segm AP50 of every backend -> benchmark -> predictions zip with overlays ->
-``report.md``. Nothing is downloaded. Each step is a library call; this module only orders them and writes the
-report.
+synthesise data -> check it -> train the tiny recipe -> the scorecard of every backend in :data:`DEMO_ENGINES`
+(:func:`~cellseg_deploy.bench.scorecard.run_scorecard`: export, segm AP50/AP, parity against PyTorch,
+benchmark, peak memory; backends that cannot run here are listed as skipped, with why) -> test-split AP and a
+predictions zip with overlays (ONNX Runtime) -> ``report.md``, whose summary is the scorecard's table. Nothing
+is downloaded. Each step is a library call; this module only orders them and writes the report.
 """
 
 from __future__ import annotations
@@ -21,22 +22,19 @@ from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Backend:
-    """One backend the demo checks: runner name, its model file (key into the exported files) and precision."""
-
-    label: str
-    engine: str
-    model: str  # "checkpoint", "onnx" or "stages"
-    precision: str
-    profile: str
-
-
-BACKENDS: tuple[Backend, ...] = (
-    Backend("onnx fp32", "onnx", "onnx", "fp32", "fp32"),
-    Backend("staged-onnx fp32", "staged-onnx", "stages", "fp32", "fp32"),
-    Backend("staged-onnx fp16", "staged-onnx", "stages", "fp16", "fp16"),
+DEMO_ENGINES: tuple[str, ...] = (
+    "torch",
+    "onnx",
+    "openvino",
+    "openvino:bf16",
+    "openvino:int8",
+    "staged-onnx",
+    "staged-onnx:fp16",
+    "trt:fp16",
 )
+"""Every backend and precision the demo measures; those that cannot run here are listed as skipped, with why."""
+
+SUMMARY_HEADERS = ["backend", "segm AP50 (val)", "parity vs torch", "latency p50 (ms)"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class DemoConfig:
         recipe / overrides: the training recipe (a name in ``train/`` or a path) and ``key=value`` overrides.
         bench_iters: measured rounds of the benchmark (each round runs every engine on every test image).
         max_dets: the COCOeval detection cap for the AP tables.
+        engines: what the scorecard measures (those that cannot run here are listed as skipped).
     """
 
     out: Path = Path("runs/demo")
@@ -59,16 +58,19 @@ class DemoConfig:
     overrides: tuple[str, ...] = ()
     bench_iters: int = 5
     max_dets: int = 100
+    engines: tuple[str, ...] = DEMO_ENGINES
 
 
 @dataclass
 class DemoResult:
-    """Paths and headline numbers of a finished demo."""
+    """Paths and headline numbers of a finished demo (``summary_rows``: :data:`SUMMARY_HEADERS`;
+    ``skipped``: engine -> why it could not run here)."""
 
     report: Path
     summary_rows: list[list[Any]] = field(default_factory=list)
     steps: dict[str, float] = field(default_factory=dict)
     all_parity_passed: bool = True
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _step(name: str, steps: dict[str, float], echo: Callable[[str], None]) -> Callable[[], None]:
@@ -84,14 +86,10 @@ def _step(name: str, steps: dict[str, float], echo: Callable[[str], None]) -> Ca
 
 def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
     """Run every step (see the module docstring) and write ``config.out/report.md``."""
-    from cellseg_deploy.bench.api import BenchRequest, run_bench
-    from cellseg_deploy.bench.runner_bench import BenchSettings
+    from cellseg_deploy.bench.scorecard import ScorecardRequest, run_scorecard
     from cellseg_deploy.data.check import check_dataset
     from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
-    from cellseg_deploy.evaluation.parity import run_parity
     from cellseg_deploy.evaluation.predict import evaluate_model, predict_folder
-    from cellseg_deploy.export.onnx_export import export_onnx
-    from cellseg_deploy.export.staged import export_staged
     from cellseg_deploy.runners import create_runner
     from cellseg_deploy.training import load_recipe, train
 
@@ -111,58 +109,26 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
     checkpoint = trained.best_checkpoint or trained.last_checkpoint
     done()
 
-    done = _step("export", steps, echo)
-    onnx_result = export_onnx(checkpoint, out / "models" / "model.onnx")
-    staged_result = export_staged(checkpoint, out / "models" / "stages", fp16=True)
-    models = {"checkpoint": checkpoint, "onnx": onnx_result.path, "stages": staged_result.out_dir}
-    done()
-
-    done = _step("parity", steps, echo)
-    parity: dict[str, Any] = {}
-    for b in BACKENDS:
-        verdict = run_parity(
-            checkpoint,
-            models[b.model],
-            b.engine,
-            data,
-            split="val",
-            profile=b.profile,
-            candidate_precision=b.precision,
-            progress=False,
-        )
-        parity[b.label] = verdict
-        echo(f"[demo]   parity {b.label}: {'PASS' if verdict.passed else 'FAIL'}")
-    done()
-
-    done = _step("evaluate", steps, echo)
-    evals: dict[str, Any] = {}
-    for label, engine, model, precision in [("torch fp32", "torch", "checkpoint", "fp32")] + [
-        (b.label, b.engine, b.model, b.precision) for b in BACKENDS
-    ]:
-        evals[label] = evaluate_model(
-            models[model], engine, data, "val", max_dets=config.max_dets, precision=precision, progress=False
-        )
-    test_eval = evaluate_model(
-        onnx_result.path, "onnx", data, "test", max_dets=config.max_dets, progress=False
-    )
-    done()
-
-    done = _step("benchmark", steps, echo)
-    engines = ("torch", "onnx", "staged-onnx")
-    bench = run_bench(
-        BenchRequest(
-            settings=BenchSettings(engines=engines, warmup=1, iters=config.bench_iters, memory=False),
+    done = _step("scorecard (export, accuracy, parity, benchmark)", steps, echo)
+    card = run_scorecard(
+        ScorecardRequest(
             checkpoint=checkpoint,
-            model_for={"onnx": onnx_result.path, "staged-onnx": staged_result.out_dir},
-            data=data / "test_release",
-            out_dir=out / "bench",
-            cache_dir=out / "bench-cache",
-        )
+            data=data,
+            engines=config.engines,
+            out_dir=out / "scorecard",
+            cache_dir=out / "models",
+            max_dets=config.max_dets,
+            iters=config.bench_iters,
+        ),
+        lambda msg: echo(f"[demo]   {msg}"),
     )
     done()
 
-    done = _step("predict", steps, echo)
-    with create_runner("onnx", onnx_result.path) as runner:
+    rows = {r["engine"]: r for r in card["rows"]}
+    onnx_model = Path(rows["onnx"]["model"]["path"])
+    done = _step("test split and predictions (onnx)", steps, echo)
+    test_eval = evaluate_model(onnx_model, "onnx", data, "test", max_dets=config.max_dets, progress=False)
+    with create_runner("onnx", onnx_model) as runner:
         summary = predict_folder(
             runner,
             data / "test_release",
@@ -173,51 +139,39 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
         )
     done()
 
-    rows = _summary_rows(evals, parity, bench)
-    report = write_report(
-        out,
-        config,
-        check,
-        trained,
-        onnx_result,
-        staged_result,
-        parity,
-        evals,
-        test_eval,
-        bench,
-        summary,
-        steps,
-        rows,
+    summary_rows = _summary_rows(card)
+    report = write_report(out, config, check, trained, card, test_eval, summary, steps)
+    atomic_write_json(
+        out / "demo.json",
+        {
+            "steps_s": steps,
+            "summary": summary_rows,
+            "skipped": card["skipped"],
+            "scorecard": card["outputs"]["json"],
+            "report": str(report),
+        },
     )
-    atomic_write_json(out / "demo.json", {"steps_s": steps, "summary": rows, "report": str(report)})
-    return DemoResult(report, rows, steps, all(p.passed for p in parity.values()))
+    passed = all(
+        r.get("parity", {}).get("verdict") in ("PASS", "reference")
+        for r in card["rows"]
+        if not r.get("skipped")
+    )
+    return DemoResult(report, summary_rows, steps, passed, dict(card["skipped"]))
 
 
-def _ap50(result: Any) -> float | None:
-    value = result.metrics["segm"]["AP50"]
-    return None if value is None else float(value)
+def _summary_rows(card: dict[str, Any]) -> list[list[Any]]:
+    """``[engine, AP50, parity verdict, p50 ms]`` per engine that ran (:data:`SUMMARY_HEADERS`)."""
+    out = []
+    for r in card["rows"]:
+        if r.get("skipped"):
+            continue
+        p50 = (r.get("speed") or {}).get("p50_ms")
+        out.append([r["engine"], _fmt(r["accuracy"]["AP50"]), r["parity"]["verdict"], _fmt(p50, 1)])
+    return out
 
 
-def _summary_rows(evals: dict[str, Any], parity: dict[str, Any], bench: dict[str, Any]) -> list[list[Any]]:
-    engines: dict[str, Any] = bench.get("engines", {})
-    rows = []
-    for label, result in evals.items():
-        engine = label.split()[0]
-        par = parity.get(label)
-        lat = engines.get(engine, {}).get("latency", {}).get("p50_ms") if label.endswith("fp32") else None
-        rows.append(
-            [
-                label,
-                _fmt(_ap50(result)),
-                "reference" if par is None else ("PASS" if par.passed else "FAIL"),
-                "-" if lat is None else f"{lat:.1f}",
-            ]
-        )
-    return rows
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{float(v):.{digits}f}"
 
 
 def write_report(
@@ -225,32 +179,46 @@ def write_report(
     config: DemoConfig,
     check: Any,
     trained: Any,
-    onnx_result: Any,
-    staged_result: Any,
-    parity: dict[str, Any],
-    evals: dict[str, Any],
+    card: dict[str, Any],
     test_eval: Any,
-    bench: dict[str, Any],
     summary: Any,
     steps: dict[str, float],
-    rows: list[list[Any]],
 ) -> Path:
-    """Write ``out/report.md`` (links are relative to ``out``)."""
+    """Write ``out/report.md`` (links are relative to ``out``); its summary is the scorecard's table."""
+    from cellseg_deploy.bench.scorecard import HEADERS, table_rows
 
     def rel(p: Any) -> str:
         return str(Path(p).resolve().relative_to(out.resolve()))
 
     s = check.stats
+    ran = [r for r in card["rows"] if not r.get("skipped")]
     lines = [
         "# cellseg-deploy demo report",
         "",
         f"Everything below was produced by `cellseg-deploy demo --out {config.out}` on synthetic data "
-        "(nothing downloaded). Times are wall-clock on this machine.",
+        "(nothing downloaded). Times are wall-clock on this machine, which others may share.",
         "",
         "## Summary",
         "",
-        markdown_table(rows, ["backend", "segm AP50 (val)", "parity vs torch", "latency p50 (ms)"]),
+        f"The scorecard of the trained checkpoint (`cellseg-deploy scorecard {rel(trained.best_checkpoint or trained.last_checkpoint)} "
+        f"--data {rel(out / 'data')} --engine {','.join(config.engines)}`; `{rel(card['outputs']['markdown'])}`):",
         "",
+        markdown_table(table_rows(card), HEADERS),
+        "",
+    ]
+    if card["skipped"]:
+        lines += ["Skipped (cannot run here):", ""]
+        lines += [f"- {label}: {reason}" for label, reason in card["skipped"].items()]
+        lines.append("")
+    lines += [
+        f"Accuracy and parity on the {card['data']['images']} validation images "
+        f"({card['data']['gt_instances']} ground-truth cells); speed on {card['bench']['workload']}, threads "
+        f"{card['bench']['threads']}.",
+        "",
+    ]
+    if card["outputs"].get("chart"):
+        lines += [f"![accuracy against latency]({rel(card['outputs']['chart'])})", ""]
+    lines += [
         markdown_table([[k, f"{v:.1f}"] for k, v in steps.items()], ["step", "seconds"]),
         "",
         "## Data",
@@ -266,76 +234,67 @@ def write_report(
         "",
         f"![training curves]({rel(trained.out_dir / 'curves.png')})",
         "",
-        "## Export",
-        "",
-        f"- ONNX: `{rel(onnx_result.path)}` ({onnx_result.size_bytes / 1e6:.1f} MB, {onnx_result.seconds:.1f} s)",
-        f"- staged graphs (fp32 and fp16): `{rel(staged_result.out_dir)}` ({staged_result.seconds:.1f} s)",
-        "",
-        "## Parity against PyTorch",
+        "## Models",
         "",
     ]
-    prow = []
-    for label, rep in parity.items():
-        o = rep.overall
-        prow.append(
-            [
-                label,
-                rep.profile.name,
-                "PASS" if rep.passed else "FAIL",
-                o.get("matched"),
-                o.get("missed"),
-                o.get("extra"),
-                _num(o.get("max_box_diff")),
-                _num(o.get("min_iou")),
-                _num(o.get("agreement")),
-            ]
-        )
     lines += [
-        markdown_table(
-            prow,
-            [
-                "backend",
-                "profile",
-                "verdict",
-                "matched",
-                "missed",
-                "extra",
-                "max box diff (px)",
-                "min mask IoU",
-                "agreement",
-            ],
-        ),
-        "",
+        f"- {r['engine']}: `{rel(r['model']['path'])}` ({r['model']['size_bytes'] / 1e6:.1f} MB; {r['model']['note']})"
+        for r in ran
     ]
-    for label, rep in parity.items():
-        if rep.failures:
-            lines += [f"- {label} failures: " + "; ".join(rep.failures)]
-    lines += ["", "## Accuracy (segm, validation split)", ""]
+    lines += ["", "## Parity against PyTorch (the checks behind each verdict)", ""]
+    for r in ran:
+        par = r["parity"]
+        if par["verdict"] == "reference":
+            continue
+        checks = par["report"]["checks"]
+        lines += [
+            f"### {r['engine']}: {par['verdict']} (profile {par['profile']}, {par['instances']} instances)",
+            "",
+            markdown_table(
+                [
+                    [c["key"], _num(c["value"]), f"{c['op']} {c['limit']:g}", c["n"], _verdict(c)]
+                    for c in checks
+                ],
+                ["check", "value", "limit", "n", "ok"],
+            ),
+            "",
+        ]
+        lines += [f"- failure: {f}" for f in par["failures"]]
+        lines += [f"- note: {n}" for n in par["notes"]]
+        lines.append("")
+    lines += ["## Accuracy (segm, validation split)", ""]
     arow = []
-    for label, result in evals.items():
-        m = result.metrics["segm"]
+    for r in ran:
+        a = r["accuracy"]
+        per_class = a.get("per_class_AP50") or {}
         arow.append(
             [
-                label,
-                _fmt(m["AP"]),
-                _fmt(m["AP50"]),
-                _fmt(m["AP75"]),
-                ", ".join(f"{k} {_fmt(v)}" for k, v in m["per_class_AP50"].items()),
-                m["num_detections"],
+                r["engine"],
+                _fmt(a["AP"]),
+                _fmt(a["AP50"]),
+                _fmt(a.get("AP75")),
+                ", ".join(f"{k} {_fmt(v)}" for k, v in per_class.items()),
+                a.get("detections"),
             ]
         )
     lines += [
         markdown_table(arow, ["backend", "AP", "AP50", "AP75", "per-class AP50", "detections"]),
         "",
-        f"Detection cap: {next(iter(evals.values())).max_dets} per image and category (COCOeval maxDets).",
-        f"Test split (ONNX Runtime): segm AP50 {_fmt(_ap50(test_eval))}.",
+        f"Detection cap: {config.max_dets} per image and category (COCOeval maxDets).",
+        f"Test split (ONNX Runtime): segm AP50 {_fmt(test_eval.metrics['segm']['AP50'])}.",
         "",
         "## Speed",
         "",
     ]
-    outputs = bench.get("outputs", {})
-    if outputs.get("markdown"):
-        lines += [Path(outputs["markdown"]).read_text().replace("](", "](bench/"), ""]
+    bench_md = Path(card["bench"]["markdown"])
+    if bench_md.is_file():
+        prefix = rel(bench_md.parent) + "/"
+        lines += [
+            bench_md.read_text()
+            .replace("# cellseg-deploy benchmark", "### Benchmark")
+            .replace("](", "](" + prefix),
+            "",
+        ]
     lines += [
         "## Predictions",
         "",
@@ -346,6 +305,12 @@ def write_report(
     overlays = sorted(Path(summary.overlays_dir).glob("*.png"))[:3] if summary.overlays_dir else []
     lines += [f"![{p.stem}]({rel(p)})" for p in overlays]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _verdict(check: dict[str, Any]) -> str:
+    if not check.get("judged"):
+        return "n/a" + (f" ({check['skipped']})" if check.get("skipped") else "")
+    return "yes" if check.get("ok") else "NO"
 
 
 def _num(v: Any) -> str:

@@ -7,12 +7,12 @@ regenerated from a saved ``bench.json`` without rerunning anything (:func:`write
 Plots (matplotlib's Agg canvas, no global pyplot state):
 
 - ``latency_distribution.png``: box plot of end-to-end latency per engine (whiskers 5th-95th percentile,
-  mean marked).
-- ``stage_breakdown.png``: mean time per stage, stacked, per engine.
-- ``latency_vs_cells.png``: mean latency against cells (a ``cells`` sweep), or against detections per image
-  when the workload's images differ in it.
-- ``latency_vs_size.png``: mean latency against the image side (a ``size`` sweep), or against
-  ``sqrt(H * W)`` when the workload's images differ in size.
+  median and mean in the legend); the axis is clipped above the far-out outliers, and the samples above it
+  are counted, so one outlier cannot flatten the boxes.
+- ``stage_breakdown.png``: mean time per stage, stacked, per engine, with readable stage names (a staged
+  runner's FP32 host steps shown as such).
+- ``latency_vs_cells.png`` / ``latency_vs_size.png``: mean latency against the swept cells / image side;
+  written only for a ``cells`` / ``size`` sweep (an ordinary run's images are not a sweep).
 """
 
 from __future__ import annotations
@@ -282,86 +282,212 @@ def markdown_report(result: dict[str, Any], plots: list[str] | None = None) -> s
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------------
+STAGE_LABELS: dict[str, str] = {
+    "decode": "decode TIFF",
+    "preprocess": "preprocess",
+    "network": "network",
+    "host_steps": "staged host steps (RPN post, box post, mask post)",
+    "infer_other": "output conversion / copies",
+    "paste": "mask paste",
+    "rle": "RLE encode",
+    "other": "other (selection, Python)",
+}
+"""Readable names of the stages in the plots (``host_steps`` is carved out of ``infer_other``)."""
+
+HOST_STEPS: tuple[str, ...] = ("rpn_post", "box_post", "mask_post")
+"""Substages of a staged runner that are its FP32 host steps (inside ``infer_other``)."""
+
+
+def threads_text(result: dict[str, Any]) -> str:
+    """The intra-op threads the runners used: the asked number, or the default that was in force."""
+    env = result["environment"]
+    asked = result["settings"].get("threads")
+    if asked is not None:
+        return str(asked)
+    reported = {(e.get("info") or {}).get("threads") for e in result["engines"].values()} - {None}
+    if len(reported) == 1:
+        return f"{next(iter(reported))} (backend default)"
+    torch_threads = (env.get("threads") or {}).get("torch_intra_op")
+    cores = env["cpu"].get("usable_cores")
+    return f"backend default: torch {torch_threads}, {cores} usable cores"
+
+
 def _subtitle(result: dict[str, Any]) -> str:
     env = result["environment"]
     dev = env["gpu"]["name"] if env.get("gpu") and env["gpu"].get("available") else env["cpu"]["model"]
-    return f"{dev}; threads {result['settings']['threads'] or 'default'}; {result['latency_unit']}"
+    return f"{dev}; threads {threads_text(result)}; {result['latency_unit']}"
+
+
+def distribution_top(samples: list[Any]) -> float:
+    """Top of the latency axis (ms), from one array of sample latencies per engine.
+
+    10 % above the largest sample that is not a far-out outlier of its engine (above ``Q3 + 3 IQR + 5 %`` of
+    the median, Tukey's far-out fence with a floor for very tight runs). Quartiles, unlike a 95th percentile
+    of a few samples, do not move with one extreme value."""
+    import numpy as np
+
+    tops = []
+    for d in samples:
+        arr = np.asarray(d, np.float64)
+        if not len(arr):
+            continue
+        q1, q3, med = np.percentile(arr, [25, 75, 50])
+        fence = q3 + 3.0 * (q3 - q1) + 0.05 * med
+        tops.append(float(arr[arr <= fence].max()))
+    return 1.1 * max(tops)
 
 
 def plot_distribution(result: dict[str, Any], path: Path) -> Path:
-    """Box plot of the end-to-end latency samples per engine."""
+    """Box plot of the end-to-end latency samples per engine (box: quartiles, whiskers: 5th-95th percentile).
+
+    The axis ends above the largest sample that is not a far-out outlier (:func:`distribution_top`); samples
+    beyond it are drawn as triangles on the top edge and counted in the legend, with the largest value."""
+    import numpy as np
+    from matplotlib.lines import Line2D
+
     names = list(result["engines"])
-    data = [result["engines"][n]["samples_ms"] for n in names]
-    fig = new_figure(max(4.0, 1.6 * len(names) + 2), 4.2)
+    data = [np.asarray(result["engines"][n]["samples_ms"], dtype=np.float64) for n in names]
+    top = distribution_top(data)
+    fig = new_figure(max(5.0, 1.3 * len(names) + 2.5), 4.4)
     ax = fig.add_subplot(1, 1, 1)
-    ax.boxplot(data, whis=(5, 95), showmeans=True, tick_labels=names)
+    ax.boxplot(
+        data,
+        whis=(5, 95),
+        showmeans=True,
+        tick_labels=names,
+        medianprops={"color": "#d95f02", "linewidth": 1.6},
+        meanprops={
+            "marker": "D",
+            "markerfacecolor": "#1b9e77",
+            "markeredgecolor": "#1b9e77",
+            "markersize": 5,
+        },
+        flierprops={"marker": "o", "markersize": 3, "alpha": 0.6},
+    )
+    clipped = 0
+    largest = 0.0
+    for i, d in enumerate(data, start=1):
+        above = d[d > top]
+        if len(above):
+            clipped += len(above)
+            largest = max(largest, float(above.max()))
+            ax.plot([i], [top * 0.985], marker="^", color="#7570b3", markersize=7, clip_on=False)
+            ax.annotate(
+                f"{len(above)}", (i, top * 0.985), textcoords="offset points", xytext=(6, -4), fontsize=7
+            )
+    ax.set_ylim(0, top)
+    handles = [
+        Line2D([], [], color="#d95f02", linewidth=1.6, label="median"),
+        Line2D([], [], marker="D", linestyle="", color="#1b9e77", markersize=5, label="mean"),
+        Line2D(
+            [],
+            [],
+            marker="s",
+            linestyle="",
+            markerfacecolor="none",
+            color="black",
+            label="box: quartiles, whiskers: p5-p95",
+        ),
+    ]
+    if clipped:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="^",
+                linestyle="",
+                color="#7570b3",
+                markersize=7,
+                label=f"{clipped} sample(s) above the axis (largest {largest:.0f} ms)",
+            )
+        )
+    ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_ylabel("end-to-end latency (ms)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("latency distribution per engine\n" + _subtitle(result), fontsize=9)
+    n = min(len(d) for d in data)
+    ax.set_title(f"latency distribution per engine ({n} samples each)\n" + _subtitle(result), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
+    ax.tick_params(axis="x", labelsize=8, rotation=20)
     return save_png(fig, path)
 
 
-def plot_stages(result: dict[str, Any], path: Path) -> Path:
-    """Stacked horizontal bars of the mean time per stage, per engine."""
-    names = list(result["engines"])
-    fig = new_figure(7.5, max(2.8, 0.7 * len(names) + 2.0))
-    ax = fig.add_subplot(1, 1, 1)
-    left = [0.0] * len(names)
+def stage_segments(entry: dict[str, Any]) -> dict[str, float]:
+    """Mean ms per plotted stage of one engine: :data:`STAGE_ORDER` with a staged runner's host steps
+    (:data:`HOST_STEPS` substages) taken out of ``infer_other`` and shown as ``host_steps``."""
+    means = dict(entry["stage_mean_ms"])
+    sub = entry.get("substages") or {}
+    host = sum(float(sub[k]["mean_ms"]) for k in HOST_STEPS if k in sub)
+    host = min(host, float(means.get("infer_other", 0.0)))
+    out: dict[str, float] = {}
     for stage in STAGE_ORDER:
-        widths = [result["engines"][n]["stage_mean_ms"].get(stage, 0.0) for n in names]
-        ax.barh(names, widths, left=left, label=stage)
+        if stage == "infer_other":
+            out["host_steps"] = host
+            out["infer_other"] = float(means.get("infer_other", 0.0)) - host
+        else:
+            out[stage] = float(means.get(stage, 0.0))
+    return out
+
+
+def plot_stages(result: dict[str, Any], path: Path) -> Path:
+    """Stacked horizontal bars of the mean time per stage, per engine (readable stage names, legend beside)."""
+    names = list(result["engines"])
+    segments = {n: stage_segments(result["engines"][n]) for n in names}
+    totals = {n: sum(v.values()) for n, v in segments.items()}
+    # Stages under 0.5 % of every engine's total are invisible bars: leave them out of the legend too.
+    shown = [k for k in STAGE_LABELS if any(segments[n][k] > 0.005 * max(totals[n], 1e-9) for n in names)]
+    fig = new_figure(8.6, max(2.4, 0.42 * len(names) + 1.5))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = {k: f"C{i}" for i, k in enumerate(STAGE_LABELS)}
+    left = [0.0] * len(names)
+    for stage in shown:
+        widths = [segments[n][stage] for n in names]
+        ax.barh(names, widths, left=left, label=STAGE_LABELS[stage], color=colours[stage], height=0.65)
         left = [a + b for a, b in zip(left, widths, strict=True)]
-    ax.set_xlabel("mean time (ms)")
+    for i, n in enumerate(names):
+        ax.annotate(
+            f"{totals[n]:.0f} ms", (left[i], i), textcoords="offset points", xytext=(4, -3), fontsize=7
+        )
+    ax.set_xlim(0, max(left) * 1.12)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first engine on top, no empty band below the last bar
+    ax.set_xlabel("mean time per image (ms)")
     ax.set_title("where the time goes\n" + _subtitle(result), fontsize=9)
-    ax.legend(
-        fontsize=8, ncol=len(STAGE_ORDER), loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False
-    )
-    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.tick_params(axis="y", labelsize=8)
     return save_png(fig, path)
 
 
 def _xy_lines(
     result: dict[str, Any], kind: str
 ) -> tuple[dict[str, tuple[list[float], list[float], list[float]]], str]:
-    """Per engine ``(x, mean ms, std ms)`` for ``kind`` in ``cells``/``size``, and the x label."""
+    """Per engine ``(x, mean ms, std ms)`` of the ``kind`` sweep (``cells``/``size``), and the x label.
+
+    Only a sweep gives such a line: the images of an ordinary run differ in many ways at once (size, cells,
+    content), so joining them would draw noise as a trend. No sweep: no lines."""
     sweep = (result.get("sweeps") or {}).get(kind)
     lines: dict[str, tuple[list[float], list[float], list[float]]] = {}
-    if sweep is not None:
-        label = (
-            "cells in the image (detections = cells for --untrained models)"
-            if kind == "cells"
-            else "image side (px)"
-        )
-        for p in sweep["points"]:
-            for name, e in p["engines"].items():
-                xs, ys, es = lines.setdefault(name, ([], [], []))
-                xs.append(float(p["value"]))
-                ys.append(e["latency"]["mean_ms"])
-                es.append(e["latency"]["std_ms"])
+    label = (
+        "cells in the image (detections = cells for --untrained models)"
+        if kind == "cells"
+        else "image side (px)"
+    )
+    if sweep is None:
         return lines, label
-    label = "detections per image" if kind == "cells" else "image side, sqrt(H x W) (px)"
-    for name, e in result["engines"].items():
-        pts = sorted(
-            (
-                float(pi["detections"]) if kind == "cells" else (pi["height"] * pi["width"]) ** 0.5,
-                pi["latency"]["mean_ms"],
-                pi["latency"]["std_ms"],
-            )
-            for pi in e.get("per_image", [])
-        )
-        lines[name] = ([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
+    for p in sweep["points"]:
+        for name, e in p["engines"].items():
+            xs, ys, es = lines.setdefault(name, ([], [], []))
+            xs.append(float(p["value"]))
+            ys.append(e["latency"]["mean_ms"])
+            es.append(e["latency"]["std_ms"])
     return lines, label
 
 
 def can_plot_against(result: dict[str, Any], kind: str) -> bool:
-    """True when there is a sweep of ``kind`` or the workload's images differ in it (at least two x values)."""
+    """True when the result holds a sweep of ``kind`` with at least two points."""
     lines, _ = _xy_lines(result, kind)
     return any(len(set(xs)) >= 2 for xs, _, _ in lines.values())
 
 
 def plot_against(result: dict[str, Any], kind: str, path: Path) -> Path:
-    """Mean end-to-end latency (error bars: one standard deviation) against cells or image size."""
+    """Mean end-to-end latency (error bars: one standard deviation) against the swept cells or image size."""
     lines, label = _xy_lines(result, kind)
     fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
@@ -371,10 +497,10 @@ def plot_against(result: dict[str, Any], kind: str, path: Path) -> Path:
     ax.set_ylabel("mean end-to-end latency (ms)")
     ax.set_ylim(bottom=0)
     ax.set_title(
-        f"latency vs {'cells' if kind == 'cells' else 'image size'}\n" + _subtitle(result), fontsize=9
+        f"latency vs {'cells' if kind == 'cells' else 'image size'} (sweep)\n" + _subtitle(result), fontsize=9
     )
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return save_png(fig, path)
 
 

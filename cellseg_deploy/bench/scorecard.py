@@ -151,9 +151,21 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
     from cellseg_deploy.bench.api import BenchRequest, models_by_label, run_bench
     from cellseg_deploy.bench.models import resolve_engine_models
     from cellseg_deploy.bench.runner_bench import BenchSettings, split_label
+    from cellseg_deploy.runners import get_runner_class
 
     say = log_fn or (lambda _msg: None)
-    labels = request.labels
+    rows: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for label in request.labels:
+        runner, precision = split_label(label)
+        reason = get_runner_class(runner).unavailable_reason()
+        if reason:  # nothing to export or load for a backend that cannot run here
+            skipped[label] = reason
+            rows[label] = {"engine": label, "runner": runner, "precision": precision or "fp32"}
+            rows[label] |= {"model": None, "skipped": reason}
+    if REFERENCE in skipped:
+        raise BackendUnavailable(f"the reference engine {REFERENCE!r} cannot run: {skipped[REFERENCE]}")
+    labels = tuple(label for label in request.labels if label not in skipped)
     models = models_by_label(
         labels,
         "fp32",
@@ -161,8 +173,6 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
             engines, checkpoint=request.checkpoint, cache_dir=request.models_dir, on_export=say
         ),
     )
-    rows: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
     reference: dict[int, Any] | None = None
     gt: dict[str, Any] = {}
     for label in labels:
@@ -218,6 +228,7 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
         ),
         log=say,
     )
+    rows = {label: rows[label] for label in request.labels}  # the asked order, skipped ones in place
     for label in measured:
         e = bench["engines"][label]
         sp = e.get("speedup_vs_torch") or {}
@@ -283,6 +294,7 @@ def _accuracy(gt: dict[str, Any], preds: dict[int, Any], max_dets: int) -> dict[
         "AP50": m["AP50"],
         "AP": m["AP"],
         "AP75": m.get("AP75"),
+        "per_class_AP50": m.get("per_class_AP50"),
         "detections": m.get("num_detections"),
         "max_dets": max_dets,
     }
@@ -353,11 +365,11 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     """The one table: a row per engine and precision (:data:`HEADERS`)."""
     out = []
     for row in result["rows"]:
+        if row.get("skipped"):
+            out.append([row["engine"], "-", "-", "skipped (see below)", *(["-"] * (len(HEADERS) - 4))])
+            continue
         size = f"{row['model']['size_bytes'] / 1e6:.1f}"
         name = Path(row["model"]["path"]).name
-        if row.get("skipped"):
-            out.append([row["engine"], name, size, *(["skipped"] + ["-"] * (len(HEADERS) - 4))])
-            continue
         acc, par = row["accuracy"], row["parity"]
         speed, mem = row.get("speed") or {}, row.get("memory") or {}
         if par["verdict"] == "reference":
