@@ -85,6 +85,14 @@ def _without_bytes(text: str) -> str:
     return _BYTES_REPR.sub("<file bytes>", text)
 
 
+def _tiff_detail(exc: BaseException) -> str:
+    """What tifffile said, in one line and without the file's bytes."""
+    detail = _first_line(exc)
+    if "not a TIFF file" in detail:
+        return "not a TIFF file: it does not start with a TIFF header"
+    return detail
+
+
 def _pixel_limit_error(path: Path, height: int, width: int, max_pixels: int) -> DataError:
     return DataError(
         f"{path}: image is {height} x {width} px ({height * width / 1e6:.1f} megapixels), above the limit of "
@@ -172,9 +180,7 @@ def _read_tiff(path: Path, max_pixels: int | None = None, single_page: bool = Fa
         except MemoryError as exc:
             raise DataError(f"{path}: not enough memory to decode this TIFF") from exc
         except Exception as exc:  # tifffile/imagecodecs raise many types for corrupt or truncated files
-            detail = _first_line(exc)
-            if "not a TIFF file" in detail:
-                detail = "not a TIFF file: it does not start with a TIFF header"
+            detail = _tiff_detail(exc)
             if messages and messages[0] not in detail:
                 detail += f"; {_without_bytes(messages[0][:120])}"
             raise DataError(f"{path}: cannot decode TIFF ({type(exc).__name__}: {detail})") from exc
@@ -345,7 +351,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
                     return _page_size(tif.pages[0])
             except Exception as exc:
                 raise DataError(
-                    f"{path}: cannot read TIFF header ({type(exc).__name__}: {_first_line(exc)})"
+                    f"{path}: cannot read TIFF header ({type(exc).__name__}: {_tiff_detail(exc)})"
                 ) from exc
     if path.is_file() and (size := _png_jpeg_size(path, path.suffix.lower())) is not None:
         return size

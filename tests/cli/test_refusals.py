@@ -183,3 +183,14 @@ def test_overlay_of_a_257_x_1_image_is_not_1_pixel_wide(
     first_row = png[0]
     image_width = int(np.count_nonzero((first_row < 250).any(axis=1)))
     assert image_width >= MIN_OVERLAY_SHORT_SIDE, f"the image is drawn {image_width} px wide"
+
+
+def test_bench_workload_header_errors_do_not_quote_the_file(tmp_path: Path) -> None:
+    from cellseg_deploy.bench.workload import folder_workload
+    from cellseg_deploy.errors import DataError
+
+    (tmp_path / "private.txt").write_text(SECRET)
+    (tmp_path / "a.tif").symlink_to(tmp_path / "private.txt")
+    with pytest.raises(DataError) as info:
+        folder_workload(tmp_path)
+    assert "not a TIFF file" in str(info.value) and SECRET[:4] not in str(info.value)
