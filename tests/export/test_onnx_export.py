@@ -129,7 +129,7 @@ def test_hard_images_match_pytorch(
     # The shared post-processing gives the same masks from both.
     from cellseg_deploy.evaluation.parity import compare_instances
 
-    p = compare_instances(postprocess(ref), postprocess(got), score_thresh=0.0, with_ap50=False)
+    p = compare_instances(postprocess(ref), postprocess(got), score_thresh=0.0)
     assert p.missed == 0 and p.extra == 0 and p.summary()["min_iou"] > 0.95
 
 
