@@ -21,7 +21,9 @@ def new_figure(width: float = 7.0, height: float = 4.2, dpi: int = 110) -> Any:
     return fig
 
 
-def save_png(fig: Any, path: Path) -> Path:
-    """Lay ``fig`` out tightly and write it to ``path`` as PNG (temporary file, then rename)."""
-    fig.tight_layout()
+def save_png(fig: Any, path: Path, *, tight: bool = True) -> Path:
+    """Lay ``fig`` out tightly (unless ``tight`` is false: axes placed by hand) and write it to ``path`` as PNG
+    (temporary file, then rename)."""
+    if tight:
+        fig.tight_layout()
     return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))

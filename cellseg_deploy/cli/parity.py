@@ -111,6 +111,14 @@ from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
 )
+@click.option(
+    "--overlays",
+    "overlays_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also draw the images where the two sides disagree most (up to 8) into this folder: matched, low-IoU, "
+    "missed and extra instances in distinct colours, with a legend (both models run again on those images).",
+)
 @json_option
 def parity_cmd(
     checkpoint: Path,
@@ -132,6 +140,7 @@ def parity_cmd(
     val_fraction: float,
     seed: int,
     progress: bool,
+    overlays_dir: Path | None,
     json_path: Path | None,
 ) -> None:
     """Compare CANDIDATE's instances with CHECKPOINT's (PyTorch) on a dataset split, image by image.
@@ -147,7 +156,15 @@ def parity_cmd(
         cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.onnx --data data/hw3 --images 20
         cellseg-deploy parity runs/r50/best.pt --candidate models/r50-trt/engines.json --engine trt \\
             --data data/hw3 --device cuda --profile fp16 --tol max_box_diff=6 --json parity.json
+        cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.int8.xml --engine openvino --profile int8 \\
+            --data data/hw3 --overlays runs/parity-int8
     """
+    if overlays_dir is not None:
+        from cellseg_deploy.cli.common import check_outputs
+
+        check_outputs(
+            {"--overlays": overlays_dir}, overwrite=False, folders=("--overlays",), may_exist=("--overlays",)
+        )
     from cellseg_deploy.evaluation.parity import parse_tolerances, run_parity
 
     report = run_parity(
@@ -173,6 +190,22 @@ def parity_cmd(
     )
     click.echo(report.table())
     write_json_result(json_path, report.to_dict())
+    if overlays_dir is not None:
+        from cellseg_deploy.evaluation.parity_overlays import write_parity_overlays
+
+        drawn = write_parity_overlays(
+            report,
+            checkpoint,
+            candidate,
+            engine,
+            data_root,
+            overlays_dir,
+            reference_engine=reference_engine,
+            device=device,
+            candidate_device=candidate_device,
+            threads=threads,
+        )
+        click.echo(f"wrote {len(drawn)} parity overlay(s) in {overlays_dir}", err=True)
     if not report.passed:
         raise CheckFailed(
             f"parity ({report.profile.name}) failed: "
