@@ -335,27 +335,52 @@ def write_markdown(summary: dict[str, Any], path: Path) -> Path:
 
 
 def plot_ap50(summary: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: segm AP50 per engine, one group per case."""
+    """One panel per case: each engine's segm AP50 minus torch's (bars, value on each), the gate's band
+    +-``max_ap50_diff`` shaded, torch's own AP50 in the panel title. An axis around the differences, not
+    0..1, so a difference of 0.006 is as visible as the gate that judges it."""
+    from matplotlib.patches import Patch
+
     cases = list(summary["cases"])
-    engines = list(dict.fromkeys(r["engine"] for c in cases for r in summary["cases"][c]["rows"]))
-    fig = new_figure(max(5.0, 2.2 * len(cases) + 1.5), 4.2)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / max(1, len(engines))
-    for j, engine in enumerate(engines):
-        values = [
-            next((r["segm_AP50"] for r in summary["cases"][c]["rows"] if r["engine"] == engine), 0.0)
-            for c in cases
+    limit = float(summary["max_ap50_diff"])
+    diffs = [r["segm_AP50_diff"] for c in cases for r in summary["cases"][c]["rows"]]
+    span = max(limit, *(abs(d) for d in diffs)) * 1.35
+    fig = new_figure(max(5.5, 3.0 * len(cases) + 1.0), 3.9)
+    axes = [fig.add_subplot(1, len(cases), i + 1) for i in range(len(cases))]
+    for ax, case in zip(axes, cases, strict=True):
+        rows = summary["cases"][case]["rows"]
+        ref = next(r["segm_AP50"] for r in rows if r["engine"] == "torch")
+        names = [r["engine"] for r in rows]
+        values = [r["segm_AP50_diff"] for r in rows]
+        colours = [
+            "#999999" if r["within"] is None else ("#1b9e77" if r["within"] else "#d95f02") for r in rows
         ]
-        ax.bar(
-            [i + (j - (len(engines) - 1) / 2) * width for i in range(len(cases))], values, width, label=engine
-        )
-    ax.set_xticks(range(len(cases)), cases)
-    ax.set_ylabel("segm AP50")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"segm AP50 per CPU engine ({summary['arch']})", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    return save_png(fig, path)
+        ax.axhspan(-limit, limit, color="#1b9e77", alpha=0.10, zorder=0)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.bar(range(len(rows)), values, 0.6, color=colours, zorder=2)
+        for i, v in enumerate(values):
+            ax.annotate(
+                f"{v:+.4f}",
+                (i, v),
+                textcoords="offset points",
+                xytext=(0, 3 if v >= 0 else -10),
+                ha="center",
+                fontsize=7,
+            )
+        ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=7.5)
+        ax.set_ylim(-span, span)
+        ax.set_title(f"{case}: torch AP50 {ref:.4f}", fontsize=8.5)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("segm AP50 - torch's")
+    handles = [
+        Patch(color="#1b9e77", alpha=0.25, label=f"gate: within +-{limit:g}"),
+        Patch(color="#1b9e77", label="within"),
+        Patch(color="#d95f02", label="outside"),
+        Patch(color="#999999", label="not judged (too few cells)"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7.5, frameon=False)
+    fig.suptitle(f"segm AP50 of every CPU engine against PyTorch fp32 ({summary['arch']})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return save_png(fig, path, tight=False)
 
 
 def run(
