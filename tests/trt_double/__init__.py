@@ -44,6 +44,7 @@ def install(monkeypatch: pytest.MonkeyPatch, version: str = VERSIONS[1], **cuda_
     props = SimpleNamespace(total_memory=cuda.budget_bytes, multi_processor_count=132, name=cuda.name())
     for name, value in {
         "is_available": lambda: True,
+        "device_count": lambda: 1,
         "init": lambda: None,
         "synchronize": lambda device=None: cuda.synchronize(),
         "empty_cache": lambda: None,

@@ -31,6 +31,7 @@ What it does instead of TensorRT:
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import json
 import types
 from dataclasses import dataclass, field
@@ -189,6 +190,7 @@ def build_module(version: str, cuda: FakeCuda) -> tuple[types.ModuleType, State]
     (kept outside the module, which holds only TensorRT's own names)."""
     state = State(version=version, cuda=cuda)
     mod = types.ModuleType("tensorrt", f"test double of TensorRT {version} (tests/trt_double)")
+    mod.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # what importlib.util.find_spec reads
 
     def members(enum_name: str, values: dict[str, int]) -> dict[str, int]:
         return {k: v for k, v in values.items() if available(f"{enum_name}.{k}", version)}
