@@ -99,7 +99,8 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: marks this file as in use
+            with contextlib.suppress(OSError):  # a file system without locks: the write still works
+                fcntl.flock(fd, fcntl.LOCK_EX)  # held until the rename: marks this file as in use
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask).
         umask = os.umask(0)
         os.umask(umask)
@@ -219,6 +220,8 @@ def check_output(
     kind = "folder holds files" if folder else "file exists"
     if not overwrite:
         raise OutputError(f"{what} {path}: the {kind} already; {hint}")
+    if folder:
+        return f"writing into {path}, which holds files already: they may be replaced (--overwrite)"
     return f"replacing {path} (--overwrite)"
 
 

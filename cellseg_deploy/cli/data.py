@@ -41,6 +41,7 @@ def data() -> None:
     "--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same bytes."
 )
 @json_option
+@overwrite_option
 def synth(
     out: Path,
     n_train: int,
@@ -52,25 +53,21 @@ def synth(
     extremes: bool,
     seed: int,
     json_path: Path | None,
+    overwrite: bool,
 ) -> None:
     """Write synthetic microscopy in the exact competition format to OUT.
 
     train/<uuid>/image.tif (RGBA LZW) + classK.tif (float64 IDs), test_release/, the test id map and the
-    test ground truth as COCO (test_ground_truth.json). The same options and seed give the same bytes;
-    OUT must not hold another dataset. The defaults make a small set that a tiny CPU model learns quickly.
+    test ground truth as COCO (test_ground_truth.json). The same options and seed give the same bytes. An
+    OUT that holds files is refused unless --overwrite is given, and even then it must not hold another
+    dataset (its files would mix in). The defaults make a small set that a tiny CPU model learns quickly.
 
     \b
     Example:
         cellseg-deploy data synth data/synth --train 48 --test 8 --seed 0
         cellseg-deploy data synth data/hard --extremes --max-cells 300
     """
-    check_outputs(
-        {"OUT": out, "--json": json_path},
-        overwrite=False,
-        folders=("OUT",),
-        may_exist=("OUT",),  # synth's own rule: OUT must not hold another dataset
-        hint="choose another path or remove it first",
-    )
+    check_outputs({"OUT": out, "--json": json_path}, overwrite=overwrite, folders=("OUT",))
     from cellseg_deploy.data.synth import SynthConfig, describe, make_synthetic_dataset
 
     config = SynthConfig(

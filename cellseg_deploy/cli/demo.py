@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import check_outputs, format_table, json_option, write_json_result
+from cellseg_deploy.cli.common import (
+    check_outputs,
+    format_table,
+    json_option,
+    overwrite_option,
+    write_json_result,
+)
 
 
 @click.command("demo")
@@ -39,6 +45,7 @@ from cellseg_deploy.cli.common import check_outputs, format_table, json_option, 
 )
 @click.option("--bench-iters", type=int, default=5, show_default=True, help="Measured benchmark rounds.")
 @json_option
+@overwrite_option
 def demo(
     out: Path,
     n_train: int,
@@ -48,18 +55,18 @@ def demo(
     overrides: tuple[str, ...],
     bench_iters: int,
     json_path: Path | None,
+    overwrite: bool,
 ) -> None:
     """Synthesise data, train the tiny model, export, check parity and AP of every backend, benchmark, predict.
 
     Writes OUT/report.md with the tables and plots; nothing is downloaded. Exit code 1 if a parity check fails.
+    An OUT that already holds files (an earlier demo) is refused before any work unless --overwrite is given.
 
     \b
     Example:
         cellseg-deploy demo --out runs/demo
     """
-    check_outputs(
-        {"--out": out, "--json": json_path}, overwrite=False, folders=("--out",), may_exist=("--out",)
-    )
+    check_outputs({"--out": out, "--json": json_path}, overwrite=overwrite, folders=("--out",))
     from cellseg_deploy.demo import DemoConfig, run_demo
     from cellseg_deploy.errors import CheckFailed
 

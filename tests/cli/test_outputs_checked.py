@@ -205,3 +205,16 @@ def test_export_removes_what_a_killed_export_left(
     r = cli("export", random_tiny_checkpoint, "--out", tmp_path / "model.onnx")
     assert r.code == 0, r.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("command", [["demo", "--out"], ["data", "synth"]])
+def test_a_folder_holding_earlier_work_is_refused(
+    cli: Callable[..., Result], tmp_path: Path, command: list[str]
+) -> None:
+    """``demo`` replaced its training run on every rerun; now an OUT that holds files needs --overwrite.
+    ``data synth`` keeps its own refusal of a folder that holds another dataset."""
+    (tmp_path / "report.md").write_text("earlier work")
+    (tmp_path / "test_image_name_to_ids.json").write_text("[]")
+    r = cli(*command, tmp_path, "--train", "2", "--test", "1")
+    assert r.code == 2 and len(r.err_lines) == 1 and r.seconds < FAST_S, r
+    assert (tmp_path / "report.md").read_text() == "earlier work"

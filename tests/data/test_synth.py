@@ -161,7 +161,12 @@ def test_synth_cli_and_check_cli(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["ok"] and report["stats"]["n_train"] == 2
-    assert main([*args, "--seed", "5"]) == 2  # a different set into the same folder: one-line refusal
+    assert main([*args, "--seed", "5"]) == 2  # a folder holding files: refused without --overwrite
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already holds" in err[0]
+    assert len(err) == 1 and "holds files already" in err[0] and "--overwrite" in err[0]
+    assert main([*args, "--seed", "5", "--overwrite"]) == 2  # ... and another dataset never mixes in
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "(--overwrite)" in err[0]
+    assert "already holds" in err[1] and "another dataset" in err[1]
+    assert main([*args, "--seed", "4", "--overwrite"]) == 0  # the same set again: the same files
     assert main(["data", "synth", str(tmp_path / "x"), "--train", "0", "--test", "0"]) == 2
