@@ -30,13 +30,12 @@ def save_png(fig: Any, path: Path, *, tight: bool = True) -> Path:
 
 
 def add_learning_rate(ax: Any, steps: list[float], lrs: list[float]) -> Any:
-    """Draw the learning rate against ``steps`` on a second y axis of ``ax`` (dashed grey, its own legend
-    entry at the lower left); returns that axis. Used by the training curves: a loss that stalls or jumps
-    reads differently once the schedule beside it is visible."""
+    """Draw the learning rate against ``steps`` on a second y axis of ``ax`` (dashed grey, named on that
+    axis, so no second legend competes with ``ax``'s); returns that axis. Used by the training curves: a loss
+    that stalls or jumps reads differently once the schedule beside it is visible."""
     twin = ax.twinx()
-    twin.plot(steps, lrs, color="0.45", linestyle="--", linewidth=1.0, label="learning rate")
-    twin.set_ylabel("learning rate", color="0.35")
+    twin.plot(steps, lrs, color="0.45", linestyle="--", linewidth=1.0)
+    twin.set_ylabel("learning rate (grey dashed)", color="0.35")
     twin.tick_params(axis="y", labelcolor="0.35", labelsize=7)
     twin.set_ylim(bottom=0)
-    twin.legend(fontsize=7, loc="lower left")
     return twin

@@ -325,8 +325,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(records: list[dict[str, Any]], dest: Path) -> Path:
-    """Write a PNG with the training loss (and its parts) per step and the validation AP per epoch."""
-    from cellseg_deploy.plots import new_figure, save_png
+    """Write a PNG with the training loss (and its parts) and the learning rate per step, and the validation
+    AP per epoch."""
+    from cellseg_deploy.plots import add_learning_rate, new_figure, save_png
 
     fig = new_figure(11, 4, dpi=100)
     ax_loss, ax_ap = fig.subplots(1, 2)
@@ -339,6 +340,8 @@ def plot_curves(records: list[dict[str, Any]], dest: Path) -> Path:
             ax_loss.plot(steps, [r.get(key, float("nan")) for r in train], label=key[5:], linewidth=0.8)
         ax_loss.set_yscale("log")
         ax_loss.legend(fontsize=7)
+        if any("lr" in r for r in train):  # the schedule beside the loss it shapes
+            add_learning_rate(ax_loss, steps, [r.get("lr", float("nan")) for r in train])
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(alpha=0.3)
