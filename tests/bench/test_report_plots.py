@@ -93,3 +93,19 @@ def test_titles_say_the_thread_count_in_force() -> None:
     assert "2" in text and text != "default"
     result["settings"]["threads"] = 3
     assert threads_text(result) == "3"
+
+
+def test_training_curves_carry_the_learning_rate(tmp_path: Path) -> None:
+    from cellseg_deploy.plots import add_learning_rate, new_figure
+    from cellseg_deploy.training.loop import plot_curves
+
+    fig = new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    twin = add_learning_rate(ax, [10, 20, 30], [0.001, 0.02, 0.005])
+    assert list(twin.lines[0].get_ydata()) == [0.001, 0.02, 0.005]
+    assert "learning rate" in twin.get_ylabel()
+    records = [
+        {"kind": "train", "step": s, "epoch_float": s / 10, "lr": lr, "loss": 3.0 / s, "loss_mask": 1.0 / s}
+        for s, lr in ((10, 0.001), (20, 0.02), (30, 0.005))
+    ]
+    assert plot_curves(records, tmp_path / "curves.png").stat().st_size > 5000
