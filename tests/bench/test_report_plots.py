@@ -10,7 +10,6 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cellseg_deploy.bench.report import (
