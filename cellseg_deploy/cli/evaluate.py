@@ -9,6 +9,7 @@ first bad image (nothing written).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,6 +39,43 @@ def _runner_options(func: F) -> F:
     func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(func)
     func = click.option("--engine", default=None, metavar="NAME", help=_ENGINE_HELP)(func)
     return func
+
+
+def _loop_options(func: F) -> F:
+    """``--workers --batch --concurrency``: the pipelined loop (:mod:`cellseg_deploy.evaluation.pipeline`)."""
+    func = click.option(
+        "--concurrency",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Inference calls in flight (onnx, openvino; openvino gets as many streams).",
+    )(func)
+    func = click.option(
+        "--batch",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Images per inference call (runners that batch).",
+    )(func)
+    func = click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=2,
+        show_default=True,
+        help="Host threads decoding and post-processing beside inference; 0: one image at a time.",
+    )(func)
+    return func
+
+
+def _pipeline(workers: int, batch: int, concurrency: int) -> Any:
+    from cellseg_deploy.evaluation.pipeline import PipelineSettings
+
+    return PipelineSettings(workers=workers, batch=batch, concurrency=concurrency)
+
+
+def _concurrency_options(engine: str, concurrency: int) -> dict[str, Any]:
+    """OpenVINO runs concurrent calls in parallel only with as many streams (it gives one by default)."""
+    return {"num_streams": concurrency} if engine == "openvino" and concurrency > 1 else {}
 
 
 def _post_options(func: F) -> F:
@@ -99,6 +137,7 @@ def _post_options(func: F) -> F:
     help="IoU types to score: segm, bbox or both.",
 )
 @_runner_options
+@_loop_options
 @max_pixels_option
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
@@ -119,6 +158,9 @@ def eval_cmd(
     device: str,
     precision: str,
     threads: int | None,
+    workers: int,
+    batch: int,
+    concurrency: int,
     max_pixels: int | None,
     progress: bool,
     json_path: Path | None,
@@ -135,31 +177,45 @@ def eval_cmd(
     Examples:
         cellseg-deploy eval runs/r50/best.pt --data data/hw3 --split val
         cellseg-deploy eval models/r50.onnx --data data/hw3 --split test --max-dets 300 --json eval.json
+        torchrun --nproc-per-node 2 -m cellseg_deploy.cli.main eval models/r50.onnx --data data/hw3
     """
     check_outputs({"--json": json_path}, overwrite=overwrite)
     from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
+    from cellseg_deploy.evaluation import distributed
     from cellseg_deploy.evaluation.predict import ImageFailures, evaluate_model
 
     types = tuple(t.strip() for t in iou_types.split(",") if t.strip())
     failures = ImageFailures()
-    result = evaluate_model(
-        model,
-        engine,
-        data_root,
-        split,
-        max_dets=max_dets,
-        score_thresh=score_thresh,
-        mask_thresh=mask_thresh,
-        val_fraction=val_fraction,
-        seed=seed,
-        device=device,
-        precision=precision,
-        threads=threads,
-        iou_types=types,
-        progress=progress,
-        failures=failures,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-    )
+    pipeline = _pipeline(workers, batch, concurrency)
+    dist = distributed.start(device) if distributed.launched() else None
+    try:
+        result = evaluate_model(
+            model,
+            engine,
+            data_root,
+            split,
+            max_dets=max_dets,
+            score_thresh=score_thresh,
+            mask_thresh=mask_thresh,
+            val_fraction=val_fraction,
+            seed=seed,
+            device=distributed.rank_device(dist, device) if dist else device,
+            precision=precision,
+            threads=distributed.rank_threads(dist, threads, device) if dist else threads,
+            iou_types=types,
+            progress=progress,
+            failures=failures,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            pipeline=pipeline,
+            dist=dist,
+        )
+    finally:
+        if dist is not None:
+            distributed.finish(dist)
+    if dist is not None and not dist.is_main:
+        if failures:
+            raise SystemExit(1)  # rank 0 prints the table and names the skipped images
+        return
     click.echo(result.table())
     write_json_result(json_path, result.to_dict())
     if failures:
@@ -205,6 +261,7 @@ def eval_cmd(
     help="Keep at most this many detections per image (highest scores). Default: all the model returns.",
 )
 @_runner_options
+@_loop_options
 @max_pixels_option
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
@@ -225,6 +282,9 @@ def predict_cmd(
     device: str,
     precision: str,
     threads: int | None,
+    workers: int,
+    batch: int,
+    concurrency: int,
     max_pixels: int | None,
     progress: bool,
     json_path: Path | None,
@@ -245,6 +305,8 @@ def predict_cmd(
     Examples:
         cellseg-deploy predict runs/r50/best.pt data/hw3/test_release --out submission.zip
         cellseg-deploy predict models/r50.onnx my_images/ --out preds.zip --overlays overlays/
+        cellseg-deploy predict models/r50-int8.xml data/hw3/test_release --out s.zip --precision int8
+        torchrun --nproc-per-node 2 -m cellseg_deploy.cli.main predict models/r50.onnx data/hw3/test_release --out s.zip
     """
     check_outputs(
         {
@@ -258,24 +320,44 @@ def predict_cmd(
     )
     from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
     from cellseg_deploy.errors import CheckFailed
+    from cellseg_deploy.evaluation import distributed
     from cellseg_deploy.evaluation.predict import infer_engine, predict_folder
     from cellseg_deploy.postprocess import PostprocessConfig
     from cellseg_deploy.runners.registry import create_runner
 
     post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=max_per_image)
     name = engine or infer_engine(model)
-    with create_runner(name, model, device=device, precision=precision, threads=threads) as runner:
-        summary = predict_folder(
-            runner,
-            images_dir,
-            ids_map,
-            out_zip,
-            overlays_dir=overlays_dir,
-            strict=strict,
-            post=post,
-            progress=progress,
-            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-        )
+    pipeline = _pipeline(workers, batch, concurrency)
+    dist = distributed.start(device) if distributed.launched() else None
+    try:
+        with create_runner(
+            name,
+            model,
+            device=distributed.rank_device(dist, device) if dist else device,
+            precision=precision,
+            threads=distributed.rank_threads(dist, threads, device) if dist else threads,
+            options=_concurrency_options(name, concurrency),
+        ) as runner:
+            summary = predict_folder(
+                runner,
+                images_dir,
+                ids_map,
+                out_zip,
+                overlays_dir=overlays_dir,
+                strict=strict,
+                post=post,
+                progress=progress,
+                max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                pipeline=pipeline,
+                dist=dist,
+            )
+    finally:
+        if dist is not None:
+            distributed.finish(dist)
+    if dist is not None and not dist.is_main:
+        if summary.failed:
+            raise SystemExit(1)  # rank 0 prints the summary and names the skipped images
+        return
     click.echo(summary.text())
     write_json_result(json_path, summary.to_dict())
     if summary.failed:

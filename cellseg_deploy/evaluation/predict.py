@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -40,11 +40,23 @@ from cellseg_deploy.evaluation.coco_eval import (
     instances_to_results,
     predictions_to_results,
 )
+from cellseg_deploy.evaluation.distributed import folder_progress, gather_to_main, my_share, result_from_main
+from cellseg_deploy.evaluation.pipeline import (
+    SEQUENTIAL,
+    Outcome,
+    PipelineSettings,
+    check_batching,
+    inference_handles,
+    run_pipeline,
+)
 from cellseg_deploy.evaluation.submission import RESULTS_MEMBER, write_results_json, write_submission
 from cellseg_deploy.io_utils import OutputError, rescue_path
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
 from cellseg_deploy.runners.base import Runner
-from cellseg_deploy.structures import Instances
+from cellseg_deploy.structures import Detections, Instances
+
+if TYPE_CHECKING:
+    from cellseg_deploy.training.distributed import DistInfo
 
 EVAL_POSTPROCESS = PostprocessConfig(score_thresh=0.0, mask_thresh=0.5, max_dets=None)
 """Post-processing for evaluation: keep every detection the model returns (the cap is COCOeval's)."""
@@ -89,9 +101,10 @@ def pad_to_aspect(image: np.ndarray, max_aspect: float = MAX_ASPECT) -> np.ndarr
 def predict_image(runner: Runner, image: np.ndarray, post: PostprocessConfig | None = None) -> Instances:
     """:meth:`Runner.predict` for any image the runner can be given, extreme aspect ratios included.
 
-    An image of ordinary proportions goes straight to ``runner.predict``. One that is not
-    (:func:`pad_to_aspect`) is padded, predicted, and its instances cropped back to the original
-    ``(H, W)``: boxes clipped, masks cut to the image, instances that lie wholly in the padding dropped.
+    :func:`infer_images` then :func:`finish_image`: an image of ordinary proportions goes to the runner as
+    it is; one that is not (:func:`pad_to_aspect`) is padded, predicted, and its instances cropped back to
+    the original ``(H, W)``: boxes clipped, masks cut to the image, instances that lie wholly in the padding
+    dropped. The pipelined loop (:mod:`cellseg_deploy.evaluation.pipeline`) calls the same two halves.
 
     Args:
         runner: a loaded runner.
@@ -101,13 +114,28 @@ def predict_image(runner: Runner, image: np.ndarray, post: PostprocessConfig | N
     Returns:
         :class:`Instances` of size ``(H, W)``.
     """
+    return finish_image(infer_images(runner, [image])[0], image.shape[:2], post)
+
+
+def infer_images(runner: Runner, images: Sequence[np.ndarray]) -> list[Detections]:
+    """Raw detections of RGB uint8 ``[H, W, 3]`` images, each padded first where :func:`pad_to_aspect`
+    asks (the detections are then those of the padded image); one runner call (``infer_batch`` for more
+    than one image)."""
+    padded = [pad_to_aspect(image) for image in images]
+    if len(padded) == 1:
+        return [runner.infer(padded[0])]
+    return runner.infer_batch(padded)
+
+
+def finish_image(det: Detections, size: tuple[int, ...], post: PostprocessConfig | None = None) -> Instances:
+    """The shared post-processing of one image's detections, cropped back to its original ``size`` ``(H, W)``
+    when the runner saw a padded image (``det.image_size`` larger than ``size``)."""
     from cellseg_deploy.data.rle import decode_rle, encode_mask
 
-    padded = pad_to_aspect(image)
-    if padded is image:
-        return runner.predict(image, post)
-    height, width = image.shape[:2]
-    inst = postprocess(runner.infer(padded), post)
+    height, width = int(size[0]), int(size[1])
+    inst = postprocess(det, post)
+    if tuple(det.image_size) == (height, width):
+        return inst
     rles: list[dict[str, Any]] = []
     keep: list[int] = []
     for i, rle in enumerate(inst.rles):
@@ -301,6 +329,8 @@ def run_dataset(
     progress: bool = True,
     failures: ImageFailures | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    pipeline: PipelineSettings = SEQUENTIAL,
+    dist: DistInfo | None = None,
 ) -> tuple[dict[str, Any], dict[int, Instances]]:
     """Predict every image of a dataset split.
 
@@ -316,6 +346,10 @@ def run_dataset(
             the returned ground truth too (so they do not count as missed cells). ``None``: the first such
             image raises.
         max_pixels: refuse images with more pixels than this (read from the header, before decoding).
+        pipeline: the loop (:mod:`cellseg_deploy.evaluation.pipeline`; default: sequential); the same
+            predictions either way.
+        dist: a ``torchrun`` process group (:mod:`cellseg_deploy.evaluation.distributed`): this rank predicts
+            its share; rank 0 returns every prediction, in the split's order, the other ranks none.
 
     Returns:
         ``(gt, predictions)``: the COCO ground-truth dict of the split and ``{image_id: Instances}`` with
@@ -334,12 +368,41 @@ def run_dataset(
     require_images(gt, data_root, split, val_fraction)
     runner.load()
     guard = failures if failures is not None else ImageFailures(strict=True)
+    images = [(image_path_of(entry, data_root), entry) for entry in gt["images"]]
+
+    def decode(item: tuple[int, tuple[Path, dict[str, Any]]]) -> np.ndarray:
+        return _read_entry(*item[1], max_pixels)
+
+    def finish(
+        item: tuple[int, tuple[Path, dict[str, Any]]], image: np.ndarray, det: Detections
+    ) -> Instances:
+        with naming_model_output(model=runner.model_path, image=item[1][0]):
+            return finish_image(det, image.shape[:2], post)
+
+    def share() -> tuple[list[tuple[int, Instances]], list[tuple[int, str, str]]]:
+        mine = my_share(images, dist) if dist is not None and dist.enabled else list(enumerate(images))
+        local = ImageFailures(strict=guard.strict)
+        done: list[tuple[int, Instances]] = []
+        failed: list[tuple[int, str, str]] = []
+        with folder_progress(len(images), progress, f"eval {split}", dist) as tick:
+            for (index, (path, _)), outcome in _run_loop(runner, mine, decode, finish, pipeline):
+                before = len(local.items)
+                inst = local.run(path, outcome.get)
+                failed.extend((index, *f) for f in local.items[before:])
+                if inst is not None:
+                    done.append((index, inst))
+                tick()
+        return done, failed
+
+    if dist is not None and dist.enabled:
+        shares = gather_to_main(dist, share)  # rank 0 alone holds every prediction from here on
+        merged = _merge_shares(shares) if shares is not None else ([], [])
+    else:
+        merged = share()
     predictions: dict[int, Instances] = {}
-    for entry in _progress(gt["images"], progress, desc=f"eval {split}"):
-        path = image_path_of(entry, data_root)
-        inst = guard.run(path, lambda e=entry, p=path: _predict_entry(runner, p, e, post, max_pixels))
-        if inst is not None:
-            predictions[int(entry["id"])] = inst
+    for index, inst in merged[0]:
+        predictions[int(images[index][1]["id"])] = inst
+    guard.items.extend((name, reason) for _, name, reason in merged[1])
     if failures:
         kept = set(predictions)
         gt = {
@@ -350,10 +413,38 @@ def run_dataset(
     return gt, predictions
 
 
+def _run_loop(
+    runner: Runner,
+    items: Sequence[T],
+    decode: Any,
+    finish: Any,
+    pipeline: PipelineSettings,
+) -> Iterator[tuple[T, Outcome[Any]]]:
+    """:func:`~cellseg_deploy.evaluation.pipeline.run_pipeline` over ``items`` with ``runner``
+    (:func:`infer_images` on each batch); results in the order of ``items``."""
+    check_batching(runner, pipeline.batch)
+    handles = inference_handles(runner, pipeline.concurrency)
+    return run_pipeline(items, decode, infer_images, finish, pipeline, handles)
+
+
+def _merge_shares(shares: list[tuple[list[Any], list[Any]]]) -> tuple[list[Any], list[Any]]:
+    """Every rank's ``(done, failed)``, each ``(index, ...)``, merged in index order (the input order)."""
+    done = sorted((d for s in shares for d in s[0]), key=lambda d: d[0])
+    failed = sorted((f for s in shares for f in s[1]), key=lambda f: f[0])
+    return done, failed
+
+
 def _predict_entry(
     runner: Runner, path: Path, entry: dict[str, Any], post: PostprocessConfig, max_pixels: int | None
 ) -> Instances:
     """Read one ground-truth image, check its size against the annotations, predict it."""
+    image = _read_entry(path, entry, max_pixels)
+    with naming_model_output(model=runner.model_path, image=path):
+        return predict_image(runner, image, post)
+
+
+def _read_entry(path: Path, entry: dict[str, Any], max_pixels: int | None) -> np.ndarray:
+    """Read one ground-truth image and check its size against the annotations."""
     from cellseg_deploy.data.io import read_image
 
     image = read_image(path, max_pixels=max_pixels)
@@ -363,8 +454,7 @@ def _predict_entry(
             f"{path}: image is {image.shape[0]}x{image.shape[1]} but its ground truth says "
             f"{expected[0]}x{expected[1]}; the dataset and its annotations disagree"
         )
-    with naming_model_output(model=runner.model_path, image=path):
-        return predict_image(runner, image, post)
+    return image
 
 
 def image_path_of(entry: dict[str, Any], data_root: Path) -> Path:
@@ -405,6 +495,8 @@ def evaluate_model(
     progress: bool = True,
     failures: ImageFailures | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    pipeline: PipelineSettings = SEQUENTIAL,
+    dist: DistInfo | None = None,
 ) -> EvalResult:
     """Evaluate a model file with any registered runner on a dataset split (what ``cellseg-deploy eval`` runs).
 
@@ -420,6 +512,8 @@ def evaluate_model(
         progress: show a progress bar.
         failures, max_pixels: see :func:`run_dataset`; skipped images are left out of the scores, and the
             result's notes and ``info["skipped_images"]`` name them.
+        pipeline, dist: see :func:`run_dataset`; with ``dist`` rank 0 scores all the images and every rank
+            returns its result (and its skipped images in ``failures``).
 
     Returns:
         The :class:`EvalResult`, with ``notes`` on the model's own cap and ``info`` naming the runner,
@@ -441,13 +535,55 @@ def evaluate_model(
             progress=progress,
             failures=failures,
             max_pixels=max_pixels,
+            pipeline=pipeline,
+            dist=dist,
         )
-        if not predictions:
-            raise CheckFailed(
-                f"every image of split {split!r} failed ({failures.names() if failures else ''}); nothing to score"
-            )
         model_cap = model_detection_cap(runner)
         runner_info = runner.info()
+    if dist is not None and dist.enabled:
+        result, skipped = result_from_main(
+            dist,
+            lambda: (
+                _score(gt, predictions, engine, max_dets, iou_types, model_cap, failures, t0, split),
+                failures.items if failures else [],
+            ),
+        )
+        if failures is not None and not dist.is_main:
+            failures.items.extend(skipped)
+    else:
+        result = _score(gt, predictions, engine, max_dets, iou_types, model_cap, failures, t0, split)
+    result.info.update(
+        {
+            "runner": runner_info,
+            "data_root": str(data_root),
+            "split": split,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "score_thresh": score_thresh,
+            "mask_thresh": mask_thresh,
+            "pipeline": pipeline.to_dict(),
+            "processes": dist.world_size if dist is not None else 1,
+        }
+    )
+    return result
+
+
+def _score(
+    gt: dict[str, Any],
+    predictions: dict[int, Instances],
+    engine: str,
+    max_dets: int,
+    iou_types: tuple[str, ...],
+    model_cap: int | None,
+    failures: ImageFailures | None,
+    t0: float,
+    split: str,
+) -> EvalResult:
+    """COCO evaluation of ``predictions`` against ``gt`` with the notes on caps and skipped images."""
+    if not predictions:
+        raise CheckFailed(
+            f"every image of split {split!r} failed ({failures.names() if failures else ''}); nothing to score"
+        )
     seconds = time.perf_counter() - t0
     result = evaluate(gt, predictions_to_results(predictions), max_dets=max_dets, iou_types=iou_types)
     result.notes.extend(cap_notes(engine, max_dets, model_cap, predictions))
@@ -464,13 +600,6 @@ def evaluate_model(
         )
     result.info.update(
         {
-            "runner": runner_info,
-            "data_root": str(data_root),
-            "split": split,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "score_thresh": score_thresh,
-            "mask_thresh": mask_thresh,
             "model_detections_per_img": model_cap,
             "max_detections_in_one_image": max((len(p) for p in predictions.values()), default=0),
             "images_scored": len(predictions),
@@ -656,6 +785,8 @@ def predict_folder(
     post: PostprocessConfig = EVAL_POSTPROCESS,
     progress: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    pipeline: PipelineSettings = SEQUENTIAL,
+    dist: DistInfo | None = None,
 ) -> PredictSummary:
     """Predict every image of a folder and write the competition submission.
 
@@ -676,6 +807,12 @@ def predict_folder(
         progress: show a tqdm progress bar (stderr).
         max_pixels: refuse images with more pixels than this (read from the header, before decoding);
             ``None``: no limit.
+        pipeline: the loop (:mod:`cellseg_deploy.evaluation.pipeline`; default: sequential); the same bytes
+            either way.
+        dist: a ``torchrun`` process group (:mod:`cellseg_deploy.evaluation.distributed`): each rank
+            predicts its share of the images (and writes their overlays), rank 0 writes the one submission,
+            the same bytes as one process; every rank returns the whole run's summary. A rank that stops
+            makes every rank raise, and no submission is written.
 
     Returns:
         :class:`PredictSummary`; skipped images are in ``failed`` (the submission is still written). Each
@@ -694,51 +831,73 @@ def predict_folder(
     out_zip = Path(out_zip)
     overlays = Path(overlays_dir) if overlays_dir is not None else None
     runner.load()
-    results: list[dict[str, Any]] = []
-    failures = ImageFailures(strict=strict)
-    num_predicted = 0
 
-    def one(entry: ImageEntry) -> tuple[np.ndarray, Instances]:
+    def decode(item: tuple[int, ImageEntry]) -> np.ndarray:
+        entry = item[1]
         image = read_image(entry.path, max_pixels=max_pixels)
         if entry.size is not None and tuple(image.shape[:2]) != entry.size:
             raise DataError(
                 f"image is {image.shape[0]}x{image.shape[1]} but the id map says {entry.size[0]}x{entry.size[1]}"
             )
-        with naming_model_output(model=runner.model_path, image=entry.path):
-            return image, predict_image(runner, image, post)
+        return image
 
-    for entry in _progress(entries, progress, desc="predict"):
-        done = failures.run(entry.path, lambda e=entry: one(e))
-        if done is None:
-            continue
-        image, inst = done
-        results.extend(instances_to_results(entry.image_id, inst))
-        num_predicted += 1
-        if overlays is not None:
-            try:
-                write_overlay(overlays / f"{entry.path.stem}.png", image, inst)
-            except OSError as exc:  # the predictions are kept; only the picture is missing
-                failures.items.append(
-                    (entry.path.name, f"predicted, but no overlay written ({exc.strerror or exc})")
-                )
-        del image, done
-    out_zip = _write_or_rescue(out_zip, lambda dest: write_submission(results, dest), len(results))
-    results_json = _write_or_rescue(
-        out_zip.with_name(RESULTS_MEMBER), lambda dest: write_results_json(results, dest), len(results)
-    )
-    failed = failures.items
-    return PredictSummary(
-        out_zip=out_zip,
-        results_json=results_json,
-        id_source=id_source,
-        num_images=len(entries),
-        num_predicted=num_predicted,
-        num_detections=len(results),
-        failed=failed,
-        overlays_dir=overlays,
-        seconds=time.perf_counter() - t0,
-        runner=runner.info(),
-    )
+    def finish(
+        item: tuple[int, ImageEntry], image: np.ndarray, det: Detections
+    ) -> tuple[np.ndarray | None, Instances]:
+        with naming_model_output(model=runner.model_path, image=item[1].path):
+            inst = finish_image(det, image.shape[:2], post)
+        return (image if overlays is not None else None), inst
+
+    def share() -> tuple[list[tuple[int, list[dict[str, Any]]]], list[tuple[int, str, str]]]:
+        mine = my_share(entries, dist) if dist is not None and dist.enabled else list(enumerate(entries))
+        failures = ImageFailures(strict=strict)
+        done: list[tuple[int, list[dict[str, Any]]]] = []
+        failed: list[tuple[int, str, str]] = []
+        with folder_progress(len(entries), progress, "predict", dist) as tick:
+            for (index, entry), outcome in _run_loop(runner, mine, decode, finish, pipeline):
+                before = len(failures.items)
+                out = failures.run(entry.path, outcome.get)
+                if out is not None:
+                    image, inst = out
+                    done.append((index, instances_to_results(entry.image_id, inst)))
+                    if overlays is not None:
+                        try:
+                            write_overlay(overlays / f"{entry.path.stem}.png", image, inst)
+                        except OSError as exc:  # the predictions are kept; only the picture is missing
+                            failures.items.append(
+                                (
+                                    entry.path.name,
+                                    f"predicted, but no overlay written ({exc.strerror or exc})",
+                                )
+                            )
+                    del image, out
+                failed.extend((index, *f) for f in failures.items[before:])
+                tick()
+        return done, failed
+
+    def write(done: list[Any], failed: list[Any]) -> PredictSummary:
+        results = [r for _, per_image in done for r in per_image]
+        zip_path = _write_or_rescue(out_zip, lambda dest: write_submission(results, dest), len(results))
+        results_json = _write_or_rescue(
+            zip_path.with_name(RESULTS_MEMBER), lambda dest: write_results_json(results, dest), len(results)
+        )
+        return PredictSummary(
+            out_zip=zip_path,
+            results_json=results_json,
+            id_source=id_source,
+            num_images=len(entries),
+            num_predicted=len(done),
+            num_detections=len(results),
+            failed=[(name, reason) for _, name, reason in failed],
+            overlays_dir=overlays,
+            seconds=time.perf_counter() - t0,
+            runner=runner.info(),
+        )
+
+    if dist is None or not dist.enabled:
+        return write(*share())
+    shares = gather_to_main(dist, share)
+    return result_from_main(dist, lambda: write(*_merge_shares(shares or [])))
 
 
 def _write_or_rescue(dest: Path, write: Any, count: int) -> Path:
