@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -80,7 +81,7 @@ def validate_detections(det: Detections, num_classes: int = len(CLASS_NAMES)) ->
     boxes = det.boxes.astype(np.float32, copy=False)
     scores = det.scores.astype(np.float32, copy=False)
 
-    def fail(rows: np.ndarray, what: str, show: np.ndarray) -> None:
+    def fail(rows: Any, what: str, show: np.ndarray) -> None:
         bad = np.flatnonzero(rows)
         if len(bad):
             first = int(bad[0])
