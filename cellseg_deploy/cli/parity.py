@@ -10,7 +10,13 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import json_option, write_json_result
+from cellseg_deploy.cli.common import (
+    check_outputs,
+    json_option,
+    max_pixels_option,
+    overwrite_option,
+    write_json_result,
+)
 from cellseg_deploy.errors import CheckFailed
 from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
 
@@ -119,6 +125,8 @@ from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
     help="Also draw the images where the two sides disagree most (up to 8) into this folder: matched, low-IoU, "
     "missed and extra instances in distinct colours, with a legend (both models run again on those images).",
 )
+@max_pixels_option
+@overwrite_option
 @json_option
 def parity_cmd(
     checkpoint: Path,
@@ -141,6 +149,8 @@ def parity_cmd(
     seed: int,
     progress: bool,
     overlays_dir: Path | None,
+    max_pixels: int | None,
+    overwrite: bool,
     json_path: Path | None,
 ) -> None:
     """Compare CANDIDATE's instances with CHECKPOINT's (PyTorch) on a dataset split, image by image.
@@ -159,12 +169,12 @@ def parity_cmd(
         cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.int8.xml --engine openvino --profile int8 \\
             --data data/hw3 --overlays runs/parity-int8
     """
-    if overlays_dir is not None:
-        from cellseg_deploy.cli.common import check_outputs
-
-        check_outputs(
-            {"--overlays": overlays_dir}, overwrite=False, folders=("--overlays",), may_exist=("--overlays",)
-        )
+    check_outputs(
+        {"--json": json_path, "--overlays": overlays_dir},
+        overwrite=overwrite,
+        folders=("--overlays",),
+        may_exist=("--overlays",),
+    )
     from cellseg_deploy.evaluation.parity import parse_tolerances, run_parity
 
     report = run_parity(
@@ -187,6 +197,7 @@ def parity_cmd(
         seed=seed,
         progress=progress,
         min_instances=min_instances,
+        max_pixels=max_pixels,
     )
     click.echo(report.table())
     write_json_result(json_path, report.to_dict())

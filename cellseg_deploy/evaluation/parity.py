@@ -1045,8 +1045,13 @@ def run_parity(
     seed: int = 0,
     progress: bool = True,
     min_instances: int = DEFAULT_MIN_INSTANCES,
+    max_pixels: int | None = None,
 ) -> ParityReport:
     """Run the reference and the candidate on a dataset split and compare their instances.
+
+    Each image is compared alone: one that cannot be read or that a runner cannot take is skipped, named in
+    ``settings["skipped_images"]`` and in a failure line (the verdict covers the others), and left out of
+    the ground truth; an invalid model output stops the run (the model is broken, not the image).
 
     Args:
         reference_model: the reference's model file (a checkpoint for the default ``torch`` runner).
@@ -1067,6 +1072,8 @@ def run_parity(
         val_fraction, seed: the train/val split (as in training).
         progress: show a progress bar.
         min_instances: the evidence a verdict needs (:func:`evidence_failure`).
+        max_pixels: refuse (skip) images with more pixels than this, from their header (``None``: the
+            default limit of :func:`~cellseg_deploy.data.io.read_image`).
 
     Returns:
         The :class:`ParityReport`; ``report.passed`` is the verdict (raising is the caller's choice).
@@ -1075,8 +1082,8 @@ def run_parity(
         DataError / ModelFileError / CheckpointError / BackendUnavailable: unusable inputs.
     """
     from cellseg_deploy.data.coco import dataset_to_coco
-    from cellseg_deploy.data.io import read_image
-    from cellseg_deploy.evaluation.predict import image_path_of
+    from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS, read_image
+    from cellseg_deploy.evaluation.predict import ImageFailures, image_path_of, predict_image
     from cellseg_deploy.postprocess import PostprocessConfig
     from cellseg_deploy.runners.registry import create_runner, get_runner_class
 
@@ -1091,7 +1098,8 @@ def run_parity(
         candidate_precision = base if base in cand_cls.precisions else "fp32"
 
     data_root = Path(data_root)
-    gt = dataset_to_coco(data_root, split, val_fraction=val_fraction, seed=seed)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    gt = dataset_to_coco(data_root, split, val_fraction=val_fraction, seed=seed, max_pixels=limit)
     entries = sorted(gt.get("images", []), key=lambda e: int(e["id"]))
     if not entries:
         raise DataError(f"split {split!r} of {data_root} has no images")
@@ -1119,20 +1127,36 @@ def run_parity(
             threads=threads,
         ) as cand_runner,
     ):
+
+        def compare_one(path: Path) -> tuple[Instances, Instances]:
+            image = read_image(path, max_pixels=limit)
+            t0 = time.perf_counter()
+            with naming_model_output(model=reference_model, image=path):
+                ref = predict_image(ref_runner, image, post)
+            t1 = time.perf_counter()
+            with naming_model_output(model=candidate_model, image=path):
+                cand = predict_image(cand_runner, image, post)
+            timings["reference_s"] += t1 - t0
+            timings["candidate_s"] += time.perf_counter() - t1
+            return ref, cand
+
+        failures = ImageFailures()
         for entry in _progress(entries, progress):
             image_id = int(entry["id"])
             path = image_path_of(entry, data_root)
-            image = read_image(path)
+            pair = failures.run(path, lambda p=path: compare_one(p))
+            if pair is None:
+                continue
+            ref_out[image_id], cand_out[image_id] = pair
             names[image_id] = _short_name(entry, path)
-            t0 = time.perf_counter()
-            with naming_model_output(model=reference_model, image=path):
-                ref_out[image_id] = ref_runner.predict(image, post)
-            t1 = time.perf_counter()
-            with naming_model_output(model=candidate_model, image=path):
-                cand_out[image_id] = cand_runner.predict(image, post)
-            timings["reference_s"] += t1 - t0
-            timings["candidate_s"] += time.perf_counter() - t1
         ref_info, cand_info = ref_runner.info(), cand_runner.info()
+    if failures:
+        kept = set(ref_out)
+        gt = {
+            **gt,
+            "images": [e for e in gt["images"] if int(e["id"]) in kept],
+            "annotations": [a for a in gt["annotations"] if int(a["image_id"]) in kept],
+        }
 
     report = compare_runs(
         ref_out,
@@ -1146,11 +1170,18 @@ def run_parity(
     )
     report.reference = ref_info
     report.candidate = cand_info
+    if failures:
+        report.failures.append(
+            failures.error(
+                len(entries), f"the comparison covers the other {len(entries) - len(failures)}"
+            ).args[0]
+        )
     report.settings.update(
         {
             "data_root": str(data_root),
             "split": split,
             "images": len(entries),
+            "skipped_images": [{"image": n, "reason": r} for n, r in failures.items],
             "val_fraction": val_fraction,
             "seed": seed,
             **{k: round(v, 3) for k, v in timings.items()},
