@@ -344,14 +344,10 @@ def _parity(
 
 
 def _threads_used(bench: dict[str, Any]) -> str:
-    """The intra-op thread counts the runners reported (``"2"``; ``"2 (onnx 1)"`` when they differ)."""
-    per = {n: e.get("info", {}).get("threads") for n, e in bench["engines"].items()}
-    values = {v for v in per.values() if v is not None}
-    if not values:
-        return str(bench["settings"].get("threads") or "backend default")
-    if len(values) == 1:
-        return str(next(iter(values)))
-    return ", ".join(f"{n} {v}" for n, v in per.items())
+    """The intra-op threads in force (the asked number, or the backends' default and what it was)."""
+    from cellseg_deploy.bench.report import threads_text
+
+    return threads_text(bench)
 
 
 # ----------------------------------------------------------------------------------------------------------
