@@ -228,15 +228,17 @@ def test_concurrency_refused_for_a_runner_that_takes_one_call(random_tiny_checkp
 def test_strict_stops_at_the_first_bad_image_in_order(busy_onnx: Path, folder: Path, tmp_path: Path) -> None:
     failures = ImageFailures(strict=True)
     assert failures.strict
-    with create_runner("onnx", busy_onnx, threads=1) as runner:
-        with pytest.raises(DataError, match="img99.tif.*stopped by --strict"):
-            predict_folder(
-                runner,
-                folder,
-                None,
-                tmp_path / "s.zip",
-                strict=True,
-                progress=False,
-                pipeline=PipelineSettings(workers=2),
-            )
+    with (
+        create_runner("onnx", busy_onnx, threads=1) as runner,
+        pytest.raises(DataError, match=r"img99\.tif.*stopped by --strict"),
+    ):
+        predict_folder(
+            runner,
+            folder,
+            None,
+            tmp_path / "s.zip",
+            strict=True,
+            progress=False,
+            pipeline=PipelineSettings(workers=2),
+        )
     assert not (tmp_path / "s.zip").exists()
