@@ -462,14 +462,19 @@ def plot_accuracy_latency(result: dict[str, Any], path: Path) -> Path | None:
                 ],
                 zorder=3,
             )
-    for name, x, y, _ in pts:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ys = [p[2] for p in pts]
     span = max(ys) - min(ys)
     pad = max(span * 0.25, 0.005)
     ax.set_ylim(min(ys) - pad, max(ys) + pad)  # the differences, not 0..1: bf16/int8 move AP50 by ~0.005
-    ax.set_xlim(0, max(p[1] for p in pts) * 1.25)
-    ax.set_xlabel("p50 end-to-end latency per image (ms)")
+    xs = [p[1] for p in pts]
+    ax.set_xscale("log")  # engines span 10x in latency; ratios read as distances
+    lo, hi = min(xs) / 1.5, max(xs) * 2.2
+    ax.set_xlim(lo, hi)
+    ticks = [t * 10**k for k in range(-1, 6) for t in (1, 2, 5) if lo <= t * 10**k <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    _label_points(ax, [(p[0], p[1], p[2]) for p in pts])
+    ax.set_xlabel("p50 end-to-end latency per image (ms, log scale)")
     ax.set_ylabel(f"segm AP50 ({result['data']['split']})")
     ax.set_title(
         f"accuracy against latency, {Path(result['request']['checkpoint']).name}\n"
@@ -479,6 +484,38 @@ def plot_accuracy_latency(result: dict[str, Any], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return save_png(fig, path)
+
+
+def _label_points(ax: Any, points: list[tuple[str, float, float]]) -> None:
+    """Name every point beside it; a label that would overlap an earlier one moves down a line (points of
+    nearly equal latency and accuracy, e.g. fp32 engines that agree exactly, stay readable)."""
+    fig = ax.figure
+    line = 11.0 * fig.dpi / 72  # one label line, display pixels
+    placed: list[tuple[float, float, float, float]] = []
+    for name, x, y in sorted(points, key=lambda p: (-p[2], p[1])):
+        px, py = ax.transData.transform((x, y))
+        width = 5.2 * len(name) * fig.dpi / 72
+        dy = 4.0
+        for _ in range(len(points)):
+            box = (
+                px + 6,
+                py + dy * fig.dpi / 72 - line / 2,
+                px + 6 + width,
+                py + dy * fig.dpi / 72 + line / 2,
+            )
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+            dy -= 11.0
+        placed.append(box)
+        ax.annotate(
+            name,
+            (x, y),
+            textcoords="offset points",
+            xytext=(6, dy),
+            fontsize=8,
+            va="center",
+            arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6} if dy != 4.0 else None,
+        )
 
 
 def write_scorecard(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
