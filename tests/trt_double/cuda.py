@@ -55,6 +55,16 @@ class FakeGraph:
         self.work: list[Callable[[], None]] = []
 
 
+_IN_PLACE_DUNDERS = frozenset(
+    {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ior__", "__iand__"}
+)
+
+
+def _writes_in_place(name: str) -> bool:
+    """``copy_``, ``zero_``, ``x[i] = v``, ``x += y``: calls that write their first argument (not ``__get__``)."""
+    return (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+
+
 class _Tracker(TorchFunctionMode):
     """Records, per storage, the stream and position of its last write (see the module docstring)."""
 
@@ -66,7 +76,7 @@ class _Tracker(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
         written = [out] if isinstance(out, torch.Tensor) else []
-        if name.endswith("_") and args and isinstance(args[0], torch.Tensor):  # in-place: copy_, zero_, ...
+        if _writes_in_place(name) and args and isinstance(args[0], torch.Tensor):
             written.append(args[0])
         for t in written:
             self.cuda.record_write(t)
