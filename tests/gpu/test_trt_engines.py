@@ -174,9 +174,50 @@ def test_staged_onnx_on_the_cuda_provider(
     trt_stage_dir: Path, gpu_images: dict[int, np.ndarray], torch_cuda_predictions: dict[int, Instances]
 ) -> None:
     from cellseg_deploy.evaluation.parity import compare_runs, get_profile
+    from cellseg_deploy.runners import create_runner
 
-    cand = predictions("staged-onnx", trt_stage_dir, "fp16", gpu_images)
+    with create_runner("staged-onnx", trt_stage_dir, device="cuda", precision="fp16") as runner:
+        info = runner.info()
+        cand = {i: runner.predict(im) for i, im in gpu_images.items()}
+    # every stage really on the CUDA provider (a CPU fallback is refused at load), fp32 work without TF32
+    assert set(info["providers"].values()) == {"CUDAExecutionProvider"}, info["providers"]
+    assert info["tf32"] is False
     report = compare_runs(
         torch_cuda_predictions, cand, profile=get_profile("fp16"), score_thresh=PARITY_SCORE
     )
     assert report.passed, report.failures
+
+
+def test_staged_torch_fp32_on_cuda_runs_without_tf32(trt_stage_dir: Path, gpu_images) -> None:
+    from cellseg_deploy.runners import create_runner
+
+    with create_runner("staged-torch", trt_stage_dir, device="cuda", precision="fp32") as runner:
+        runner.infer(gpu_images[1])
+        info = runner.info()
+    assert info["tf32_matmul"] is False and info["tf32_cudnn"] is False
+
+
+def test_trt_host_syncs_are_counted_and_fewer_than_torchs_real_ones(
+    trt_stage_dir: Path, gpu_images: dict[int, np.ndarray]
+) -> None:
+    """The counted host synchronisations (a model of which calls wait for the GPU) against what CUDA's sync
+    debug mode reports for the same image."""
+    import warnings
+
+    import torch
+
+    from cellseg_deploy.runners import create_runner
+
+    with create_runner("trt", trt_stage_dir, device="cuda", precision="fp16") as runner:
+        runner.infer(gpu_images[2])
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                runner.infer(gpu_images[2])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counted = runner.info()["host_syncs_per_image"]
+    real = sum("synchronizing" in str(w.message).lower() for w in caught)
+    print(f"host syncs: counted {counted}, torch sync debug mode {real}")
+    assert counted > 0 and real <= counted + 5
