@@ -128,8 +128,15 @@ def load_average() -> list[float] | None:
 
 
 def git_commit(start: Path | None = None) -> str | None:
-    """The source tree's commit (with ``-dirty`` when it has changes), ``None`` outside a git checkout."""
+    """The source tree's commit (with ``-dirty`` when it has changes); ``None`` when the package does not run
+    from a git checkout (installed from a wheel: ``versions["cellseg_deploy"]`` names the release then).
+
+    A package imported from ``site-packages`` of a virtual environment that happens to sit inside some git
+    checkout must not report that checkout's commit, so the root must hold this package's own
+    ``pyproject.toml`` and ``.git``."""
     root = start or Path(__file__).resolve().parents[2]
+    if start is None and not ((root / ".git").exists() and (root / "pyproject.toml").is_file()):
+        return None
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True

@@ -38,7 +38,7 @@ from cellseg_deploy.cli.common import (
     "--recipe",
     default="tiny_cpu",
     show_default=True,
-    help="Training recipe: a name in train/ or a YAML path.",
+    help="Training recipe: a named recipe (tiny_cpu, r50_fpn_plain, ...) or a YAML path.",
 )
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable)."

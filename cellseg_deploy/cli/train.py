@@ -22,7 +22,7 @@ from cellseg_deploy.cli.common import check_outputs, json_option, write_json_res
     default="tiny_cpu",
     show_default=True,
     metavar="PATH|NAME",
-    help="Recipe YAML, or the name of one in <repo>/train (tiny_cpu, r50_fpn_plain, ...).",
+    help="Recipe YAML, or the name of one shipped with the package (tiny_cpu, r50_fpn_plain, ...; linked from train/ in a checkout).",
 )
 @click.option(
     "--out",

@@ -572,16 +572,14 @@ def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     data[section][name] = value
 
 
-def repo_root() -> Path:
-    """The repository root (the folder holding ``train/`` recipes)."""
-    import cellseg_deploy
-
-    return Path(cellseg_deploy.__file__).resolve().parents[1]
-
-
 def recipes_dir() -> Path:
-    """``<repo>/train``: where named recipes live."""
-    return repo_root() / "train"
+    """Where named recipes live: ``cellseg_deploy/recipes/`` inside the installed package (shipped in the
+    wheel as package data, so ``--recipe tiny_cpu`` works after a plain ``pip install``; a checkout's
+    ``train/*.yaml`` are links to the same files)."""
+    from importlib.resources import files
+
+    # Wheels install unpacked, so the resource folder is a real directory.
+    return Path(str(files("cellseg_deploy") / "recipes"))
 
 
 def list_recipes() -> list[str]:
@@ -590,7 +588,7 @@ def list_recipes() -> list[str]:
 
 
 def resolve_recipe_path(path_or_name: str | Path) -> Path:
-    """A recipe file: an existing path, or a bare name looked up as ``<repo>/train/<name>.yaml``."""
+    """A recipe file: an existing path, or a bare name looked up as ``<recipes_dir()>/<name>.yaml``."""
     path = Path(path_or_name)
     if path.is_file():
         return path
@@ -605,7 +603,7 @@ def resolve_recipe_path(path_or_name: str | Path) -> Path:
 
 
 def load_recipe(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe (path, or a bare name from ``<repo>/train``) and apply ``section.key=value`` overrides.
+    """Read a recipe (path, or a bare name from :func:`recipes_dir`) and apply ``section.key=value`` overrides.
 
     The recipe's ``name`` defaults to the file's stem.
 
