@@ -61,6 +61,10 @@ API: dict[str, tuple[tuple[str, str], str]] = {
     "Logger.VERBOSE": (ALL, SRC + " (Severity, export_values)"),
     "Logger.log": (ALL, SRC),
     "DataType": (ALL, SRC_TYPES),
+    **{
+        f"DataType.{m}": (ALL, SRC_TYPES)
+        for m in ("FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8")
+    },
     "float32": (ALL, SRC_TYPES + ' m.attr("float32")'),
     "float16": (ALL, SRC_TYPES),
     "bfloat16": (ALL, SRC_TYPES + ' m.attr("bfloat16"); there is no "bf16"'),
