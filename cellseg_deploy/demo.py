@@ -200,8 +200,10 @@ def write_report(
         "",
         "## Summary",
         "",
-        f"The scorecard of the trained checkpoint (`cellseg-deploy scorecard {rel(trained.best_checkpoint or trained.last_checkpoint)} "
-        f"--data {rel(out / 'data')} --engine {','.join(config.engines)}`; `{rel(card['outputs']['markdown'])}`):",
+        "The scorecard of the trained checkpoint (the same as `cellseg-deploy scorecard "
+        f"{trained.best_checkpoint or trained.last_checkpoint} --data {out / 'data'} --engine "
+        f"{','.join(config.engines)} --out {out / 'scorecard'} --cache {out / 'models'}`; "
+        f"`{rel(card['outputs']['markdown'])}`):",
         "",
         markdown_table(table_rows(card), HEADERS),
         "",
@@ -291,7 +293,8 @@ def write_report(
         prefix = rel(bench_md.parent) + "/"
         lines += [
             bench_md.read_text()
-            .replace("# cellseg-deploy benchmark", "### Benchmark")
+            .replace("# cellseg-deploy benchmark\n", "")
+            .replace("\n## ", "\n### ")  # its sections below this report's "Speed"
             .replace("](", "](" + prefix),
             "",
         ]
