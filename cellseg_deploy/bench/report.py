@@ -180,9 +180,15 @@ def _workload_line(result: dict[str, Any]) -> str:
         if s["iters"] is not None
         else f"{s['seconds']} s ({result['rounds_measured']} rounds)"
     )
+    mode = ""
+    if s.get("mode") == "throughput":  # bench --mode throughput (cellseg_deploy.bench.runner_bench)
+        mode = (
+            f"; mode throughput (host workers {s['workers']}, concurrency {s['concurrency']}): images/s on the "
+            "wall clock of the measured passes"
+        )
     return (
         f"workload: {w['description']}; {len(w['images'])} image(s); warm-up {s['warmup']} round(s), "
-        f"measured {amount}; batch {s['batch']}; latency {result['latency_unit']}"
+        f"measured {amount}; batch {s['batch']}; latency {result['latency_unit']}{mode}"
     )
 
 

@@ -20,6 +20,14 @@ the other or always first after a pause. Warm-up rounds, interleaved the same wa
 device is synchronised before each sample starts and after inference, so no sample carries another's
 queued kernels; the outputs reach post-processing as host arrays, so every device copy is inside the sample.
 
+Two modes (:attr:`BenchSettings.mode`). ``latency`` (the default) is the above: one sample at a time, engines
+interleaved. ``throughput`` runs each engine alone through the pipelined loop that ``predict`` and ``eval``
+use (:mod:`cellseg_deploy.evaluation.pipeline`: decoding, inference and post-processing overlap, with
+``concurrency`` inference calls in flight and ``batch`` images per call) over the workload, and reports
+images per second on the wall clock of the measured passes (``throughput.images_per_s``, also the tables'
+throughput column) with the latency each image saw under that load (decode start to post-processing end,
+queue waits included, in ``other``). Warm-up passes are excluded there too.
+
 Memory: the latency process holds every engine at once, so its high-water mark is reported as such
 (``process_peak_rss_mb``); each engine's own peak comes from a fresh process
 (:mod:`cellseg_deploy.bench.memory`), run after the latency phase.
@@ -50,6 +58,7 @@ from cellseg_deploy.runners import Runner, create_runner
 from cellseg_deploy.structures import Detections
 
 SCHEMA = "cellseg-deploy/bench/1"
+MODES: tuple[str, ...] = ("latency", "throughput")
 STAGES: tuple[str, ...] = ("decode", "preprocess", "network", "infer_other", "paste", "rle", "other")
 """Stages of one sample, in pipeline order; they sum to the sample's total."""
 
@@ -67,7 +76,12 @@ DEFINITIONS: dict[str, str] = {
     "other": "total minus the stages above: detection selection and Python overhead",
     "substages": "the runner's finer timings (staged runners: each stage graph, inside network, and each host "
     "step, inside infer_other); not added to the total",
-    "throughput_ips": "images per second of sequential, single-stream execution: images / sum of sample times",
+    "throughput_ips": "latency mode: images per second of sequential, single-stream execution: images / sum of "
+    "sample times; throughput mode: images per second on the wall clock of the measured passes "
+    "(throughput.images_per_s)",
+    "throughput": "throughput mode only: images per second of the pipelined loop at the given concurrency, batch "
+    "and host workers, measured passes only, one engine at a time; the latency columns are then per image "
+    "under that load (decode start to post-processing end, queue waits in 'other')",
     "speedup_vs_torch": "mean (and p50) total latency of the engine named 'torch' divided by this engine's, same run",
     "process_peak_rss_mb": "RSS high-water mark of the latency process: all engines loaded together, the "
     "interpreter, every library, the workload",
@@ -96,6 +110,11 @@ class BenchSettings:
         post: the post-processing settings (the same for every engine).
         runner_options: extra backend options per runner name (``{"trt": {"cuda_graphs": True}}``).
         progress: show a tqdm progress bar.
+        mode: ``"latency"`` (one sample at a time, engines interleaved) or ``"throughput"`` (each engine
+            alone through the pipelined loop; see the module docstring).
+        concurrency: throughput mode: inference calls in flight (onnx, openvino; openvino gets as many
+            streams unless ``runner_options`` set ``num_streams``).
+        workers: throughput mode: host threads decoding and post-processing beside inference.
     """
 
     engines: tuple[str, ...]
@@ -111,8 +130,21 @@ class BenchSettings:
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
     runner_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = True
+    mode: str = "latency"
+    concurrency: int = 1
+    workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.concurrency < 1 or self.workers < 0:
+            raise ConfigError(
+                f"--concurrency must be at least 1 and --workers 0 or more, got {self.concurrency}, {self.workers}"
+            )
+        if self.mode == "latency" and (self.concurrency > 1 or self.workers != 2):
+            raise ConfigError("--concurrency and --workers belong to --mode throughput")
+        if self.mode == "throughput" and self.workers == 0 and self.concurrency > 1:
+            raise ConfigError("--concurrency above 1 needs host workers (--workers 1 or more)")
         if not self.engines:
             raise ConfigError("no engine to benchmark; pass --engine torch,onnx,...")
         if len(set(self.engines)) != len(self.engines):
@@ -321,6 +353,8 @@ def run_benchmark(
         raise UserError(f"no model file for engine(s) {missing}")
     if not workload.images:
         raise UserError("the workload has no images")
+    if settings.mode == "throughput":
+        return _run_throughput(settings, models, workload)
     sync = device_synchronizer(settings.device)
     batches = _batches(len(workload.images), settings.batch)
     paths = [im.path for im in workload.images]
@@ -396,7 +430,141 @@ def _runner_options(runner_name: str, settings: BenchSettings) -> dict[str, Any]
     options = dict(settings.runner_options.get(runner_name, {}))
     if settings.batch > 1:
         options.setdefault("max_batch", settings.batch)
+    if settings.mode == "throughput" and settings.concurrency > 1 and runner_name == "openvino":
+        options.setdefault("num_streams", settings.concurrency)  # concurrent requests need their streams
     return options
+
+
+def _run_throughput(
+    settings: BenchSettings, models: dict[str, EngineModel], workload: Workload
+) -> dict[str, Any]:
+    """Throughput mode of :func:`run_benchmark`: each engine alone, through the pipelined loop."""
+    from cellseg_deploy.data.io import read_image
+    from cellseg_deploy.evaluation.pipeline import (
+        PipelineSettings,
+        check_batching,
+        inference_handles,
+        run_pipeline,
+    )
+    from cellseg_deploy.evaluation.predict import finish_image, infer_images
+
+    pipeline = PipelineSettings(
+        workers=settings.workers, batch=settings.batch, concurrency=settings.concurrency
+    )
+    paths = [im.path for im in workload.images]
+    load_before = load_average()
+    samples: list[_Sample] = []
+    infos: dict[str, dict[str, Any]] = {}
+    throughput: dict[str, dict[str, Any]] = {}
+    environment: dict[str, Any] = {}
+    rounds = 0
+    measured_total = 0.0
+    for label in settings.engines:
+        runner_name, precision = split_label(label)
+        with create_runner(
+            runner_name,
+            models[label].path,
+            device=settings.device,
+            precision=precision or settings.precision,
+            threads=settings.threads,
+            options=_runner_options(runner_name, settings),
+        ) as runner:
+            check_batching(runner, settings.batch)
+            handles = inference_handles(runner, settings.concurrency)
+            infos[label] = runner.info()
+            if not environment:
+                environment = capture_environment(settings.device, settings.threads)
+                environment["load_average"] = load_before
+
+            def decode(item: tuple[int, int]) -> tuple[Any, float, float]:
+                t0 = time.perf_counter()
+                image = read_image(paths[item[1]])
+                return image, t0, time.perf_counter()
+
+            def infer(handle: Runner, decoded: Any) -> list[tuple[Detections, float]]:
+                t0 = time.perf_counter()
+                dets = infer_images(handle, [d[0] for d in decoded])
+                share = (time.perf_counter() - t0) / len(dets)
+                return [(det, share) for det in dets]
+
+            def finish(item: tuple[int, int], decoded: Any, out: Any, name: str = label) -> _Sample:
+                image, t_in, t_decoded = decoded
+                det, infer_s = out
+                with naming_model_output(model=models[name].path, image=paths[item[1]].name):
+                    inst = finish_image(det, image.shape[:2], settings.post)
+                total = time.perf_counter() - t_in
+                stages, sub = _stage_times([det], t_decoded - t_in, infer_s, total)
+                return _Sample(name, item[0], (item[1],), total, stages, sub, len(det), len(inst))
+
+            def passes(first: int, count: int | None) -> Any:
+                r = first
+                while count is None or r < first + count:
+                    for i in range(len(paths)):
+                        yield (r, i)
+                    r += 1
+
+            def run(
+                items: Any, until: float | None = None, handles: list[Runner] = handles
+            ) -> tuple[list[_Sample], float]:
+                got: list[_Sample] = []
+                t0 = time.perf_counter()
+                stream = run_pipeline(items, decode, infer, finish, pipeline, handles)
+                try:
+                    for item, outcome in stream:
+                        got.append(outcome.get())
+                        bar.update(1)
+                        done_pass = item[1] == len(paths) - 1
+                        if until is not None and done_pass and time.perf_counter() >= until:
+                            break
+                finally:
+                    stream.close()
+                return got, time.perf_counter() - t0
+
+            with tqdm(
+                desc=f"bench throughput {label}", unit="img", disable=not settings.progress, leave=False
+            ) as bar:
+                if settings.warmup:
+                    run(passes(-settings.warmup, settings.warmup))
+                if settings.iters is not None:
+                    got, wall = run(passes(0, settings.iters))
+                else:
+                    got, wall = run(passes(0, None), until=time.perf_counter() + float(settings.seconds or 0))
+            samples.extend(got)
+            rounds = max(rounds, len(got) // len(paths))
+            measured_total += wall
+            throughput[label] = {
+                "images_per_s": len(got) / wall if wall > 0 else None,
+                "images": len(got),
+                "seconds": round(wall, 3),
+                **pipeline.to_dict(),
+                "inference_handles": len(handles),
+            }
+    process_peak = peak_rss_mb()
+    memory: dict[str, dict[str, Any]] = {}
+    if settings.memory:
+        for label in settings.engines:
+            memory[label] = probe_memory(_memory_spec(label, models[label], settings, paths))
+    result = _assemble(
+        settings, models, workload, samples, infos, memory, environment, rounds, measured_total
+    )
+    for label, entry in result["engines"].items():
+        entry["throughput"] = throughput[label]
+        entry["latency"]["throughput_ips"] = throughput[label]["images_per_s"]
+    if "torch" in result["engines"]:
+        ref = throughput["torch"]["images_per_s"]
+        for label, entry in result["engines"].items():
+            ips = throughput[label]["images_per_s"]
+            entry["speedup_vs_torch"] = {"mean": ips / ref if ref else None, "p50": None, "of": "throughput"}
+    result["latency_unit"] = "per image, under the throughput load"
+    result["timing_method"] = (
+        "host wall clock (time.perf_counter); each engine alone through the pipelined loop "
+        f"(workers {settings.workers}, concurrency {settings.concurrency}, batch {settings.batch}); warm-up "
+        "passes excluded; images per second = measured images / wall time of the measured passes"
+    )
+    result["process_peak_rss_mb"] = round(process_peak, 1)
+    result["load_average_after"] = load_average()
+    result["warnings"] = _warnings(result)
+    return result
 
 
 def _memory_spec(
@@ -435,9 +603,10 @@ def _assemble(
     measured_s: float,
 ) -> dict[str, Any]:
     engines: dict[str, Any] = {}
+    per_image_samples = settings.batch == 1 or settings.mode == "throughput"  # one sample = one image
     for name in settings.engines:
         mine = [s for s in samples if s.engine == name]
-        per_sample_images = settings.batch
+        per_sample_images = 1 if per_image_samples else settings.batch
         latency = summarize([s.total_s for s in mine], per_sample_images)
         stages = {k: summarize([s.stages[k] for s in mine], per_sample_images) for k in STAGES}
         sub_keys = sorted({k for s in mine for k in s.substages})
@@ -446,7 +615,7 @@ def _assemble(
         }
         per_image = []
         for i, im in enumerate(workload.images):
-            own = [s for s in mine if s.images == (i,)] if settings.batch == 1 else []
+            own = [s for s in mine if s.images == (i,)] if per_image_samples else []
             if not own:
                 continue
             per_image.append(
@@ -469,10 +638,10 @@ def _assemble(
             "stage_mean_ms": {k: v.mean_ms for k, v in stages.items()},
             "substages": {k: v.to_dict() for k, v in substages.items()},
             "detections_per_image": _count_stats([s.detections for s in mine])
-            if settings.batch == 1
+            if per_image_samples
             else {k: v / settings.batch for k, v in _count_stats([s.detections for s in mine]).items()},
             "instances_per_image": _count_stats([s.instances for s in mine])
-            if settings.batch == 1
+            if per_image_samples
             else {k: v / settings.batch for k, v in _count_stats([s.instances for s in mine]).items()},
             "per_image": per_image,
             "samples_ms": [round(s.total_s * 1e3, 4) for s in mine],

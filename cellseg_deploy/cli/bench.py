@@ -1,4 +1,5 @@
-"""``cellseg-deploy bench``: latency per engine and per stage, on the same images, with the environment."""
+"""``cellseg-deploy bench``: latency (or throughput) per engine and per stage, on the same images, with the
+environment."""
 
 from __future__ import annotations
 
@@ -84,6 +85,28 @@ from cellseg_deploy.cli.common import json_option, write_json_result
 )
 @click.option("--batch", type=int, default=1, show_default=True, help="Images per call (runners that batch).")
 @click.option(
+    "--mode",
+    type=click.Choice(["latency", "throughput"]),
+    default="latency",
+    show_default=True,
+    help="latency: one sample at a time, engines interleaved; throughput: each engine alone through "
+    "predict's pipelined loop, images per second and the latency under that load.",
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=1,
+    show_default=True,
+    help="--mode throughput: inference calls in flight (onnx, openvino; openvino gets as many streams).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=2,
+    show_default=True,
+    help="--mode throughput: host threads decoding and post-processing beside inference (0: none).",
+)
+@click.option(
     "--sweep",
     "sweep_spec",
     default=None,
@@ -139,6 +162,9 @@ def bench(
     device: str,
     precision: str,
     batch: int,
+    mode: str,
+    concurrency: int,
+    workers: int,
     sweep_spec: str | None,
     sweep_cells: str | None,
     sweep_sizes: str | None,
@@ -162,6 +188,7 @@ def bench(
         cellseg-deploy bench --engine torch,onnx --untrained tiny --sweep cells,size --iters 5
         cellseg-deploy bench --engine torch,trt,trt:fp16 --device cuda --model ckpt.pt --option trt.rebuild=true
         cellseg-deploy bench --engine onnx --model-for onnx=m.onnx --data data/hw3 --limit 10 --threads 2
+        cellseg-deploy bench --engine openvino:int8 --untrained r50-fpn --images 32 --mode throughput --concurrency 2
     """
     from cellseg_deploy.bench.api import BenchRequest, run_bench
     from cellseg_deploy.bench.models import parse_model_for
@@ -182,6 +209,9 @@ def bench(
         precision=precision,
         threads=threads,
         batch=batch,
+        mode=mode,
+        concurrency=concurrency,
+        workers=workers,
         memory=not no_memory,
         post=PostprocessConfig(score_thresh=score_thresh),
         runner_options=dict(parse_runner_options(options, engines)),

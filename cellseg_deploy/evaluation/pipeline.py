@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import queue
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -213,7 +213,7 @@ def run_pipeline(
     finish: Callable[[I, Any, Any], T],
     settings: PipelineSettings,
     handles: Sequence[Runner],
-) -> Iterator[tuple[I, Outcome[T]]]:
+) -> Generator[tuple[I, Outcome[T]], None, None]:
     """Decode, infer and finish every item; ``(item, outcome)`` in input order (see the module docstring).
 
     Args:
