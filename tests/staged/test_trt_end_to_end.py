@@ -104,5 +104,5 @@ def test_cli_bench_trt_and_trt_fp16(trt_double, random_tiny_checkpoint: Path, tm
     for label in ("trt", "trt:fp16"):
         engine = result["engines"][label]
         assert engine["latency"]["n"] == 2 and engine["detections_per_image"]["min"] > 0
-        assert engine["info"]["executor"] == "tensorrt" and engine["info"]["host_syncs_per_image"] > 0
+        assert engine["info"]["executor"] == "tensorrt" and "host_syncs_per_image" in engine["info"]
     assert (out / "bench.md").is_file()
