@@ -160,10 +160,12 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
 
 
 def _summary_rows(card: dict[str, Any]) -> list[list[Any]]:
-    """``[engine, AP50, parity verdict, p50 ms]`` per engine that ran (:data:`SUMMARY_HEADERS`)."""
+    """``[engine, AP50, parity verdict, p50 ms]`` per engine (:data:`SUMMARY_HEADERS`); one that could not run
+    here says so in the verdict column (the reason is in the report)."""
     out = []
     for r in card["rows"]:
         if r.get("skipped"):
+            out.append([r["engine"], "-", "skipped (cannot run here, see report.md)", "-"])
             continue
         p50 = (r.get("speed") or {}).get("p50_ms")
         out.append([r["engine"], _fmt(r["accuracy"]["AP50"]), r["parity"]["verdict"], _fmt(p50, 1)])

@@ -163,6 +163,7 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
             skipped[label] = reason
             rows[label] = {"engine": label, "runner": runner, "precision": precision or "fp32"}
             rows[label] |= {"model": None, "skipped": reason}
+            say(f"[scorecard] {label}: skipped ({reason})")
     if REFERENCE in skipped:
         raise BackendUnavailable(f"the reference engine {REFERENCE!r} cannot run: {skipped[REFERENCE]}")
     labels = tuple(label for label in request.labels if label not in skipped)

@@ -1,0 +1,42 @@
+"""The demo measures every backend installed here and says which it skipped and why."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from cellseg_deploy.bench.runner_bench import parse_engine_specs, split_label
+from cellseg_deploy.demo import DEMO_ENGINES, _summary_rows
+from cellseg_deploy.runners import get_runner_class, list_runners
+
+
+def test_the_demo_names_every_runner_and_precision_worth_deploying() -> None:
+    assert parse_engine_specs(",".join(DEMO_ENGINES)) == DEMO_ENGINES  # all known, none twice
+    for label in ("torch", "onnx", "openvino", "openvino:bf16", "openvino:int8", "staged-onnx", "trt:fp16"):
+        assert label in DEMO_ENGINES
+    deployable = set(list_runners()) - {"staged-torch"}  # staged-torch: the FP16 reference of the stages
+    assert deployable <= {split_label(e)[0] for e in DEMO_ENGINES}
+
+
+def test_openvino_runs_when_it_imports_and_tensorrt_says_why_not() -> None:
+    openvino = get_runner_class("openvino").unavailable_reason()
+    assert (openvino is None) == (importlib.util.find_spec("openvino") is not None)
+    trt = get_runner_class("trt").unavailable_reason()
+    if importlib.util.find_spec("tensorrt") is None:
+        assert trt and "TensorRT" in trt
+
+
+def test_skipped_engines_appear_in_the_summary() -> None:
+    card = {
+        "rows": [
+            {
+                "engine": "torch",
+                "accuracy": {"AP50": 0.5},
+                "parity": {"verdict": "reference"},
+                "speed": {"p50_ms": 9.0},
+            },
+            {"engine": "trt:fp16", "skipped": "TensorRT is not installed"},
+        ]
+    }
+    rows = _summary_rows(card)
+    assert rows[0] == ["torch", "0.5000", "reference", "9.0"]
+    assert rows[1][0] == "trt:fp16" and "skipped" in rows[1][2]
