@@ -196,6 +196,8 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
         try:
             gt, preds, info = _predict_split(request, runner, model.path, precision)
         except BackendUnavailable as exc:
+            if label == REFERENCE:
+                raise
             skipped[label] = str(exc)
             row["skipped"] = str(exc)
             say(f"[scorecard] {label}: skipped ({exc})")
