@@ -18,8 +18,9 @@ pipeline computes what torchvision computes, and NMS (boxes offset by ~1e5 per c
 They run on the runner's device (the GPU with TensorRT). Anchors are computed once per padded input size
 and reused (:class:`AnchorCache`). Host-device synchronisations are counted per image
 (:class:`SyncCounter`, ``info()["host_syncs_per_image"]``) and kept to those the results need: stage timings
-use device events on TensorRT (one synchronisation per batch instead of one per stage), and the detections
-of an image come back to the host in one copy.
+use device events on TensorRT (one synchronisation per batch instead of one per stage), RoIAlign over the FPN
+levels waits for the device once per pooling instead of once per level (:func:`pool_rois`), and the
+detections of an image come back to the host in one copy.
 
 Registered runners:
 
@@ -388,14 +389,14 @@ class StagedPipeline:
             )
             if record is not None:
                 record["_features"], record["_proposals"] = features, proposals
-            box_features = rh.box_roi_pool(features, proposals, image_sizes)
+            box_features = pool_rois(rh.box_roi_pool, features, proposals, image_sizes)
             clock.lap("rpn_post")
             heads = self._run_rois("box_head", box_features, record)
             clock.lap("box_head")
             boxes, scores, labels = rh.postprocess_detections(
                 heads["class_logits"], heads["box_regression"], proposals, image_sizes
             )
-            mask_features = rh.mask_roi_pool(features, boxes, image_sizes)
+            mask_features = pool_rois(rh.mask_roi_pool, features, boxes, image_sizes)
             clock.lap("box_post")
             masks = self._run_rois("mask_head", mask_features, record)
             clock.lap("mask_head")
@@ -444,6 +445,58 @@ class StagedPipeline:
         timings["mask_post"] = time.perf_counter() - t0 + timings.get("mask_post", 0.0)
         timings["network"] = sum(timings.get(s, 0.0) for s in MODEL_STAGES)
         return results, timings
+
+
+def pool_rois(
+    pooler: Any,
+    features: Mapping[str, torch.Tensor],
+    boxes: list[torch.Tensor],
+    image_sizes: list[tuple[int, int]],
+) -> torch.Tensor:
+    """torchvision's ``MultiScaleRoIAlign.forward``, bit for bit, with one host-device synchronisation
+    instead of one per FPN level.
+
+    torchvision selects each level's RoIs with ``torch.where(levels == level)`` (a data-dependent size: the
+    host waits for the device once per level, twice per image with the box and mask poolers). Here the RoIs
+    are sorted by level once, the per-level counts come to the host in one copy, each level's RoIAlign runs
+    on its slice of the sorted RoIs, and the results go back to the original order. RoIAlign of one RoI does
+    not depend on the others, so the output is the same.
+
+    Args:
+        pooler: the model's ``MultiScaleRoIAlign`` (its scales are set up on first use, as torchvision does).
+        features: FPN maps by level name, float32 ``[B, C, H_l, W_l]``.
+        boxes: per image, float32 ``[N_i, 4]`` ``x1, y1, x2, y2`` in resized-image pixels.
+        image_sizes: resized ``(h, w)`` per image.
+
+    Returns:
+        float32 ``[sum N_i, C, S, S]``, ``S`` the pooler's output size.
+    """
+    from torchvision.ops import roi_align
+    from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
+    maps = _filter_input(dict(features), pooler.featmap_names)
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            maps, image_sizes, pooler.canonical_scale, pooler.canonical_level
+        )
+    rois = _convert_to_roi_format(boxes)
+    size, ratio = pooler.output_size, pooler.sampling_ratio
+    if len(maps) == 1:
+        return roi_align(
+            maps[0], rois, output_size=size, spatial_scale=pooler.scales[0], sampling_ratio=ratio
+        )
+    levels = pooler.map_levels(boxes)
+    order = torch.argsort(levels, stable=True)
+    counts = (levels[None, :] == torch.arange(len(maps), device=levels.device)[:, None]).sum(1).tolist()
+    ordered = rois[order]
+    parts, start = [], 0
+    for feature, scale, count in zip(maps, pooler.scales, counts, strict=True):
+        part = ordered[start : start + count]
+        parts.append(roi_align(feature, part, output_size=size, spatial_scale=scale, sampling_ratio=ratio))
+        start += count
+    result = torch.empty((len(rois), maps[0].shape[1], *size), dtype=maps[0].dtype, device=maps[0].device)
+    result[order] = torch.cat(parts).to(result.dtype)
+    return result
 
 
 def roi_chunks(count: int, limit: int, bucket: int) -> list[tuple[int, int, int]]:

@@ -151,3 +151,29 @@ def test_sync_counter_counts_the_calls_that_wait_for_a_gpu() -> None:
     assert dict(counter.by_op) == {"__getitem__": 1, "where": 1, "__float__": 1}
     assert op_synchronises("repeat_interleave", (x, torch.tensor([1])), {})
     assert not op_synchronises("repeat_interleave", (x, torch.tensor([1])), {"output_size": 10})
+
+
+def test_pool_rois_equals_torchvision_with_one_sync_per_pooling() -> None:
+    from collections import OrderedDict
+
+    from cellseg_deploy.modeling import ModelConfig
+    from cellseg_deploy.runners.staged_runner import build_host_model, pool_rois
+
+    host = build_host_model(ModelConfig(arch="tiny"))
+    gen = torch.Generator().manual_seed(0)
+    features = OrderedDict(
+        (name, torch.randn(2, 8, 256 // 2**k, 320 // 2**k, generator=gen))
+        for k, name in enumerate(["0", "1", "2", "3", "pool"], start=2)
+    )
+    sizes = [(256, 300), (240, 320)]
+    boxes = []
+    for n in (40, 0):  # an image without boxes too
+        xy = torch.rand(n, 2, generator=gen) * 200
+        wh = torch.rand(n, 2, generator=gen) * torch.tensor([4.0, 150.0]) + 2  # small and large: every level
+        boxes.append(torch.cat([xy, xy + wh], dim=1))
+    for pooler in (host.roi_heads.box_roi_pool, host.roi_heads.mask_roi_pool):
+        ref = pooler(features, boxes, sizes)
+        with SyncCounter() as counter:
+            got = pool_rois(pooler, features, boxes, sizes)
+        assert torch.equal(got, ref)
+        assert counter.count == 1, counter.by_op
