@@ -60,17 +60,20 @@ def _loop_options(func: F) -> F:
     func = click.option(
         "--workers",
         type=click.IntRange(min=0),
-        default=2,
-        show_default=True,
-        help="Host threads decoding and post-processing beside inference; 0: one image at a time.",
+        default=None,
+        help="Host threads decoding and post-processing beside inference; 0: one image at a time. "
+        "Default: 2 on CUDA or with --concurrency above 1, else 0 (on the CPU, inference already uses every "
+        "core; see docs/evaluation.md).",
     )(func)
     return func
 
 
-def _pipeline(workers: int, batch: int, concurrency: int) -> Any:
+def _pipeline(workers: int | None, batch: int, concurrency: int, device: str) -> Any:
     from cellseg_deploy.evaluation.pipeline import PipelineSettings
 
-    return PipelineSettings(workers=workers, batch=batch, concurrency=concurrency)
+    if workers is None:  # measured: host threads beside a CPU backend's own threads cost more than they hide
+        workers = 2 if device.startswith("cuda") or concurrency > 1 else 0
+    return PipelineSettings(workers=workers, batch=batch, concurrency=concurrency, depth=2 if workers else 0)
 
 
 def _concurrency_options(engine: str, concurrency: int) -> dict[str, Any]:
@@ -158,7 +161,7 @@ def eval_cmd(
     device: str,
     precision: str,
     threads: int | None,
-    workers: int,
+    workers: int | None,
     batch: int,
     concurrency: int,
     max_pixels: int | None,
@@ -186,7 +189,7 @@ def eval_cmd(
 
     types = tuple(t.strip() for t in iou_types.split(",") if t.strip())
     failures = ImageFailures()
-    pipeline = _pipeline(workers, batch, concurrency)
+    pipeline = _pipeline(workers, batch, concurrency, device)
     dist = distributed.start(device) if distributed.launched() else None
     try:
         result = evaluate_model(
@@ -282,7 +285,7 @@ def predict_cmd(
     device: str,
     precision: str,
     threads: int | None,
-    workers: int,
+    workers: int | None,
     batch: int,
     concurrency: int,
     max_pixels: int | None,
@@ -327,7 +330,7 @@ def predict_cmd(
 
     post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=max_per_image)
     name = engine or infer_engine(model)
-    pipeline = _pipeline(workers, batch, concurrency)
+    pipeline = _pipeline(workers, batch, concurrency, device)
     dist = distributed.start(device) if distributed.launched() else None
     try:
         with create_runner(
