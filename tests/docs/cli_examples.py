@@ -25,7 +25,6 @@ SHELL_STOPS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&", "..."}
 _PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 """A value written as a metavar (``N``, ``PATH``, ``ROOT``): stands for any value, not converted."""
 _FENCE = re.compile(r"^\s*(```|~~~)")
-_INLINE = re.compile(r"`([^`\n]*\bcellseg-deploy\b[^`\n]*)`")
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,23 @@ def _join_continuations(lines: list[tuple[int, str]]) -> Iterator[tuple[int, str
         yield start, " ".join(s.strip() for s in buf)
 
 
+_ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)+")
+_CHAIN = re.compile(r"\s(?:&&|\|\||;)\s")
+
+
 def _command_line(text: str) -> str | None:
-    text = text.strip()
-    if text.startswith("$ "):
-        text = text[2:].strip()
-    if text.startswith(".venv/bin/"):
-        text = text[len(".venv/bin/") :]
-    return text if text.startswith(PROG + " ") or text == PROG else None
+    """The ``cellseg-deploy`` command of a shell line: after a prompt, ``VAR=value`` prefixes and a
+    ``.venv/bin/`` path; the first such command of a chain (``a && cellseg-deploy ...``)."""
+    for part in _CHAIN.split(text.strip()):
+        part = part.strip()
+        if part.startswith("$ "):
+            part = part[2:].strip()
+        part = _ENV_PREFIX.sub("", part)
+        if part.startswith(".venv/bin/"):
+            part = part[len(".venv/bin/") :]
+        if part.startswith(PROG + " ") or part == PROG:
+            return part
+    return None
 
 
 def markdown_examples(path: Path, root: Path) -> list[Example]:
@@ -70,6 +79,20 @@ def markdown_examples(path: Path, root: Path) -> list[Example]:
     out: list[Example] = []
     in_block = False
     block: list[tuple[int, str]] = []
+    paragraph: list[tuple[int, str]] = []
+
+    def flush_paragraph() -> None:
+        # Inline code may wrap onto the next line: look for spans in the paragraph as one text.
+        if paragraph:
+            text = "\n".join(line for _, line in paragraph)
+            for match in re.finditer(r"`([^`]*)`", text):
+                span = " ".join(match.group(1).split())
+                cmd = _command_line(span) if PROG in span else None
+                if cmd:
+                    line_no = paragraph[0][0] + text.count("\n", 0, match.start())
+                    out.append(Example(f"{rel}:{line_no}", cmd, inline=True))
+            paragraph.clear()
+
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if _FENCE.match(line):
             if in_block:
@@ -78,15 +101,17 @@ def markdown_examples(path: Path, root: Path) -> list[Example]:
                     if cmd:
                         out.append(Example(f"{rel}:{start}", cmd))
                 block = []
+            else:
+                flush_paragraph()
             in_block = not in_block
             continue
         if in_block:
             block.append((number, line))
-            continue
-        for span in _INLINE.findall(line):
-            cmd = _command_line(span)
-            if cmd:
-                out.append(Example(f"{rel}:{number}", cmd, inline=True))
+        elif line.strip():
+            paragraph.append((number, line))
+        else:
+            flush_paragraph()
+    flush_paragraph()
     return out
 
 

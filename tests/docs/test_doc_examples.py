@@ -79,3 +79,17 @@ def test_made_up_doc_with_a_wrong_option_fails(tmp_path: Path) -> None:
 def test_synopsis_notation_is_read_not_flagged() -> None:
     assert check_example(cli, "cellseg-deploy eval MODEL --data ROOT --split val|test [--max-dets N]") == []
     assert check_example(cli, "cellseg-deploy eval MODEL --data ROOT --split val|test [--max-detz N]")
+
+
+def test_env_prefixes_chains_and_wrapped_spans_are_found(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "```bash\npip install -e . && .venv/bin/cellseg-deploy demo --outt runs/demo\n```\n\n"
+        "Made by `OMP_NUM_THREADS=2 cellseg-deploy bench --untrained tiny\n--itres 3` on a quiet machine.\n"
+    )
+    examples = markdown_examples(doc, tmp_path)
+    assert [(e.where, e.text) for e in examples] == [
+        ("doc.md:2", "cellseg-deploy demo --outt runs/demo"),
+        ("doc.md:5", "cellseg-deploy bench --untrained tiny --itres 3"),
+    ]
+    assert all(check_example(cli, e.text, inline=e.inline) for e in examples)  # --outt, --itres
