@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
+
+import pytest
 
 from cellseg_deploy.bench.runner_bench import parse_engine_specs, split_label
 from cellseg_deploy.demo import DEMO_ENGINES, _summary_rows
@@ -40,3 +44,34 @@ def test_skipped_engines_appear_in_the_summary() -> None:
     rows = _summary_rows(card)
     assert rows[0] == ["torch", "0.5000", "reference", "9.0"]
     assert rows[1][0] == "trt:fp16" and "skipped" in rows[1][2]
+
+
+@pytest.mark.slow
+def test_a_small_demo_reports_the_scorecard_and_its_skips(tmp_path: Path) -> None:
+    """The whole demo, shortened (8 training images, 2 epochs, three engines): its summary is the scorecard."""
+    from cellseg_deploy.bench.scorecard import HEADERS
+    from cellseg_deploy.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        out=tmp_path / "demo",
+        n_train=8,
+        n_test=2,
+        bench_iters=1,
+        engines=("torch", "onnx", "trt:fp16"),
+        overrides=(
+            "train.epochs=2",
+            "val.every_epochs=2",
+            "model.min_size=160",
+            "model.max_size=320",
+            "train.time_limit_min=0",
+            "schedule.time_aware=false",
+        ),
+    )
+    result = run_demo(config, echo=lambda _msg: None)
+    report = result.report.read_text()
+    assert "| " + " | ".join(HEADERS) + " |" in report
+    assert "- trt:fp16: " in report and "TensorRT" in result.skipped["trt:fp16"]
+    assert [row[0] for row in result.summary_rows] == ["torch", "onnx", "trt:fp16"]
+    demo = json.loads((config.out / "demo.json").read_text())
+    assert demo["skipped"] == result.skipped
+    assert Path(demo["scorecard"]).is_file()
