@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -349,7 +349,8 @@ def run_dataset(
         pipeline: the loop (:mod:`cellseg_deploy.evaluation.pipeline`; default: sequential); the same
             predictions either way.
         dist: a ``torchrun`` process group (:mod:`cellseg_deploy.evaluation.distributed`): this rank predicts
-            its share; rank 0 returns every prediction, in the split's order, the other ranks none.
+            its share; rank 0 returns every prediction, in the split's order, without ``mask_probs`` (they
+            would travel for nothing), the other ranks none.
 
     Returns:
         ``(gt, predictions)``: the COCO ground-truth dict of the split and ``{image_id: Instances}`` with
@@ -380,7 +381,8 @@ def run_dataset(
             return finish_image(det, image.shape[:2], post)
 
     def share() -> tuple[list[tuple[int, Instances]], list[tuple[int, str, str]]]:
-        mine = my_share(images, dist) if dist is not None and dist.enabled else list(enumerate(images))
+        shared = dist is not None and dist.enabled
+        mine = my_share(images, dist) if dist is not None and shared else list(enumerate(images))
         local = ImageFailures(strict=guard.strict)
         done: list[tuple[int, Instances]] = []
         failed: list[tuple[int, str, str]] = []
@@ -390,7 +392,8 @@ def run_dataset(
                 inst = local.run(path, outcome.get)
                 failed.extend((index, *f) for f in local.items[before:])
                 if inst is not None:
-                    done.append((index, inst))
+                    # across ranks the mask head's probabilities (3 KiB per instance) stay behind: no score reads them
+                    done.append((index, replace(inst, mask_probs=None) if shared else inst))
                 tick()
         return done, failed
 
