@@ -386,8 +386,10 @@ def run_dataset(
         local = ImageFailures(strict=guard.strict)
         done: list[tuple[int, Instances]] = []
         failed: list[tuple[int, str, str]] = []
+        # --batch and --concurrency are refused before any progress bar
+        loop = _run_loop(runner, mine, decode, finish, pipeline)
         with folder_progress(len(images), progress, f"eval {split}", dist) as tick:
-            for (index, (path, _)), outcome in _run_loop(runner, mine, decode, finish, pipeline):
+            for (index, (path, _)), outcome in loop:
                 before = len(local.items)
                 inst = local.run(path, outcome.get)
                 failed.extend((index, *f) for f in local.items[before:])
@@ -856,8 +858,10 @@ def predict_folder(
         failures = ImageFailures(strict=strict)
         done: list[tuple[int, list[dict[str, Any]]]] = []
         failed: list[tuple[int, str, str]] = []
+        # --batch and --concurrency are refused before any progress bar
+        loop = _run_loop(runner, mine, decode, finish, pipeline)
         with folder_progress(len(entries), progress, "predict", dist) as tick:
-            for (index, entry), outcome in _run_loop(runner, mine, decode, finish, pipeline):
+            for (index, entry), outcome in loop:
                 before = len(failures.items)
                 out = failures.run(entry.path, outcome.get)
                 if out is not None:

@@ -242,3 +242,35 @@ def test_strict_stops_at_the_first_bad_image_in_order(busy_onnx: Path, folder: P
             pipeline=PipelineSettings(workers=2),
         )
     assert not (tmp_path / "s.zip").exists()
+
+
+def test_cli_predict_pipelined_and_concurrent_write_the_same_results(
+    busy_onnx: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cellseg_deploy.cli.main import main
+
+    outs = {}
+    for name, extra in {
+        "plain": ["--workers", "0"],
+        "piped": ["--workers", "2", "--concurrency", "2"],
+    }.items():
+        out = tmp_path / name / "s.zip"
+        code = main(["predict", str(busy_onnx), str(folder), "--out", str(out), "--no-progress", *extra])
+        assert code == 1, "the corrupt image is skipped and named: exit 1"
+        assert "img99.tif" in capsys.readouterr().out
+        outs[name] = out.with_name("test-results.json").read_bytes()
+    assert outs["piped"] == outs["plain"] and len(outs["plain"]) > 1000
+
+
+def test_cli_concurrency_on_a_one_call_runner_is_a_usage_error(
+    random_tiny_checkpoint: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cellseg_deploy.cli.main import main
+
+    out = tmp_path / "s.zip"
+    code = main(
+        ["predict", str(random_tiny_checkpoint), str(folder), "--out", str(out), "--concurrency", "2"]
+    )
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "one inference call at a time" in err[0], err
+    assert not out.exists()
