@@ -79,6 +79,13 @@ def test_torchrun_rank_that_stops_names_its_image_and_writes_nothing(
     assert not out.exists() and not out.with_name("test-results.json").exists()
     assert not list(tmp_path.glob(".s.zip*")), "no partial zip left either"
 
+    # without --strict the bad image is skipped and named by rank 0, as in one process; the others are written
+    proc = _torchrun("predict", checkpoint, folder, "--out", out, "--no-progress")
+    assert proc.returncode != 0
+    assert "1 image(s) skipped" in proc.stdout and "b.tif" in proc.stdout, proc.stdout
+    assert proc.stdout.count("predicted 3 of 4 images") == 1, proc.stdout
+    assert {r["image_id"] for r in json.loads(out.with_name("test-results.json").read_text())} <= {1, 3, 4}
+
 
 def test_pipelined_eval_has_the_same_ap(trained_tiny: tuple[Path, Path]) -> None:
     checkpoint, data_root = trained_tiny
