@@ -54,7 +54,9 @@ def test_build_failures_are_one_line_model_file_errors(
         trt_export.build_engines(stages, workspace_gib=0)
     # TensorRT cannot parse the graph
     monkeypatch.setattr(double.trt.OnnxParser, "parse_from_file", _parse_fails)
-    with pytest.raises(ModelFileError, match=r"TensorRT could not parse .*backbone_rpn\.fp16\.onnx: bad node"):
+    with pytest.raises(
+        ModelFileError, match=r"TensorRT could not parse .*backbone_rpn\.fp16\.onnx: bad node"
+    ):
         trt_export.build_engines(stages)
     monkeypatch.undo()
     double = trt_double()
