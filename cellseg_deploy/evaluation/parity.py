@@ -49,7 +49,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1046,6 +1048,7 @@ def run_parity(
     progress: bool = True,
     min_instances: int = DEFAULT_MIN_INSTANCES,
     max_pixels: int | None = None,
+    pipeline: Any = None,
 ) -> ParityReport:
     """Run the reference and the candidate on a dataset split and compare their instances.
 
@@ -1074,6 +1077,9 @@ def run_parity(
         min_instances: the evidence a verdict needs (:func:`evidence_failure`).
         max_pixels: refuse (skip) images with more pixels than this, from their header (``None``: the
             default limit of :func:`~cellseg_deploy.data.io.read_image`).
+        pipeline: the loop over images, a :class:`~cellseg_deploy.evaluation.pipeline.PipelineSettings`
+            (``None``: sequential); both runners run on each image, one after the other, and the
+            comparison is the same either way (``reference_s``/``candidate_s`` then overlap the host work).
 
     Returns:
         The :class:`ParityReport`; ``report.passed`` is the verdict (raising is the caller's choice).
@@ -1083,7 +1089,8 @@ def run_parity(
     """
     from cellseg_deploy.data.coco import dataset_to_coco
     from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS, read_image
-    from cellseg_deploy.evaluation.predict import ImageFailures, image_path_of, predict_image
+    from cellseg_deploy.evaluation.pipeline import SEQUENTIAL, run_pipeline
+    from cellseg_deploy.evaluation.predict import ImageFailures, finish_image, image_path_of, infer_images
     from cellseg_deploy.postprocess import PostprocessConfig
     from cellseg_deploy.runners.registry import create_runner, get_runner_class
 
@@ -1127,24 +1134,44 @@ def run_parity(
             threads=threads,
         ) as cand_runner,
     ):
+        lock = threading.Lock()  # timings are summed from the pipeline's threads
 
-        def compare_one(path: Path) -> tuple[Instances, Instances]:
-            image = read_image(path, max_pixels=limit)
+        def decode(item: tuple[dict[str, Any], Path]) -> np.ndarray:
+            return read_image(item[1], max_pixels=limit)
+
+        def infer(_handle: Any, batch: Sequence[np.ndarray]) -> list[tuple[Any, Any]]:
+            out = []
+            for image in batch:
+                t0 = time.perf_counter()
+                ref_det = infer_images(ref_runner, [image])[0]
+                t1 = time.perf_counter()
+                cand_det = infer_images(cand_runner, [image])[0]
+                with lock:
+                    timings["reference_s"] += t1 - t0
+                    timings["candidate_s"] += time.perf_counter() - t1
+                out.append((ref_det, cand_det))
+            return out
+
+        def finish(
+            item: tuple[dict[str, Any], Path], image: np.ndarray, dets: Any
+        ) -> tuple[Instances, Instances]:
             t0 = time.perf_counter()
-            with naming_model_output(model=reference_model, image=path):
-                ref = predict_image(ref_runner, image, post)
+            with naming_model_output(model=reference_model, image=item[1]):
+                ref = finish_image(dets[0], image.shape[:2], post)
             t1 = time.perf_counter()
-            with naming_model_output(model=candidate_model, image=path):
-                cand = predict_image(cand_runner, image, post)
-            timings["reference_s"] += t1 - t0
-            timings["candidate_s"] += time.perf_counter() - t1
+            with naming_model_output(model=candidate_model, image=item[1]):
+                cand = finish_image(dets[1], image.shape[:2], post)
+            with lock:
+                timings["reference_s"] += t1 - t0
+                timings["candidate_s"] += time.perf_counter() - t1
             return ref, cand
 
         failures = ImageFailures()
-        for entry in _progress(entries, progress):
+        items = ((entry, image_path_of(entry, data_root)) for entry in _progress(entries, progress))
+        loop = run_pipeline(items, decode, infer, finish, pipeline or SEQUENTIAL, [ref_runner])
+        for (entry, path), outcome in loop:
             image_id = int(entry["id"])
-            path = image_path_of(entry, data_root)
-            pair = failures.run(path, lambda p=path: compare_one(p))
+            pair = failures.run(path, outcome.get)
             if pair is None:
                 continue
             ref_out[image_id], cand_out[image_id] = pair

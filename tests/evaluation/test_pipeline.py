@@ -274,3 +274,22 @@ def test_cli_concurrency_on_a_one_call_runner_is_a_usage_error(
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "one inference call at a time" in err[0], err
     assert not out.exists()
+
+
+def test_pipelined_parity_compares_the_same(
+    trained_tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """run_parity's dataset loop through the pipeline: the same comparison, figure for figure."""
+    from cellseg_deploy.evaluation.parity import run_parity
+    from cellseg_deploy.export.onnx_export import export_onnx
+
+    checkpoint, data_root = trained_tiny
+    onnx = tmp_path_factory.mktemp("parity") / "tiny.onnx"
+    export_onnx(checkpoint, onnx)
+    reports = [
+        run_parity(checkpoint, onnx, "onnx", data_root, split="all", threads=1, progress=False, pipeline=pipe)
+        for pipe in (None, PipelineSettings(workers=2))
+    ]
+    assert reports[0].overall["n_ref"] > 10
+    assert reports[1].overall == reports[0].overall
+    assert reports[1].passed == reports[0].passed
