@@ -114,7 +114,8 @@ class BenchSettings:
             alone through the pipelined loop; see the module docstring).
         concurrency: throughput mode: inference calls in flight (onnx, openvino; openvino gets as many
             streams unless ``runner_options`` set ``num_streams``).
-        workers: throughput mode: host threads decoding and post-processing beside inference.
+        workers: throughput mode: host threads decoding and post-processing beside inference (``None``:
+            predict's default, 2 on CUDA or with ``concurrency > 1``, else 0).
     """
 
     engines: tuple[str, ...]
@@ -132,16 +133,20 @@ class BenchSettings:
     progress: bool = True
     mode: str = "latency"
     concurrency: int = 1
-    workers: int = 2
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.concurrency < 1 or self.workers < 0:
+        if self.mode == "throughput" and self.workers is None:  # predict's default (cli/evaluate.py)
+            object.__setattr__(
+                self, "workers", 2 if self.device.startswith("cuda") or self.concurrency > 1 else 0
+            )
+        if self.concurrency < 1 or (self.workers is not None and self.workers < 0):
             raise ConfigError(
                 f"--concurrency must be at least 1 and --workers 0 or more, got {self.concurrency}, {self.workers}"
             )
-        if self.mode == "latency" and (self.concurrency > 1 or self.workers != 2):
+        if self.mode == "latency" and (self.concurrency > 1 or self.workers is not None):
             raise ConfigError("--concurrency and --workers belong to --mode throughput")
         if self.mode == "throughput" and self.workers == 0 and self.concurrency > 1:
             raise ConfigError("--concurrency above 1 needs host workers (--workers 1 or more)")
@@ -449,7 +454,7 @@ def _run_throughput(
     from cellseg_deploy.evaluation.predict import finish_image, infer_images
 
     pipeline = PipelineSettings(
-        workers=settings.workers, batch=settings.batch, concurrency=settings.concurrency
+        workers=settings.workers or 0, batch=settings.batch, concurrency=settings.concurrency
     )
     paths = [im.path for im in workload.images]
     load_before = load_average()

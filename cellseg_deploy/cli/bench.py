@@ -102,9 +102,9 @@ from cellseg_deploy.cli.common import json_option, write_json_result
 @click.option(
     "--workers",
     type=int,
-    default=2,
-    show_default=True,
-    help="--mode throughput: host threads decoding and post-processing beside inference (0: none).",
+    default=None,
+    help="--mode throughput: host threads decoding and post-processing beside inference (0: none). "
+    "Default: predict's, 2 on CUDA or with --concurrency above 1, else 0.",
 )
 @click.option(
     "--sweep",
@@ -164,7 +164,7 @@ def bench(
     batch: int,
     mode: str,
     concurrency: int,
-    workers: int,
+    workers: int | None,
     sweep_spec: str | None,
     sweep_cells: str | None,
     sweep_sizes: str | None,

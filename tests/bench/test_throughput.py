@@ -90,3 +90,10 @@ def test_throughput_batch_needs_a_batching_runner(onnx_setup: tuple[dict[str, An
     )  # fmt: skip
     with pytest.raises(UserError, match="one at a time"):
         run_benchmark(settings, models, workload)
+
+
+def test_throughput_workers_default_to_predicts() -> None:
+    """The loop predict runs by default: no host workers on the CPU, two with concurrency or on CUDA."""
+    assert BenchSettings(engines=("onnx",), mode="throughput").workers == 0
+    assert BenchSettings(engines=("onnx",), mode="throughput", concurrency=2).workers == 2
+    assert BenchSettings(engines=("onnx",)).workers is None  # latency mode has none
