@@ -24,6 +24,9 @@ from cellseg_deploy.io_utils import atomic_path, atomic_write_bytes
 RESULTS_MEMBER = "test-results.json"
 """Name of the results file inside the submission zip."""
 
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+"""The timestamp of the zip member (the zip format's earliest), so identical results give identical bytes."""
+
 RESULT_KEYS: tuple[str, ...] = ("image_id", "bbox", "score", "category_id", "segmentation")
 """Keys of every result, in the example's order."""
 
@@ -63,13 +66,18 @@ def write_submission(results: Sequence[dict[str, Any]], out_zip: str | Path) -> 
     """Write ``results`` as ``test-results.json`` inside ``out_zip`` (atomically) and return ``out_zip``.
 
     The results are validated first (:func:`validate_results`); an empty list is a valid submission
-    (no detections). The JSON is compact (one line): test sets with hundreds of detections per image
+    (no detections). The same results always give the same bytes (:data:`ZIP_DATE_TIME`). The JSON is compact (one line): test sets with hundreds of detections per image
     make indented JSON several times larger for nothing.
     """
     validate_results(results)
     out_zip = Path(out_zip)
+    # A fixed member timestamp: the same results give the same zip bytes (a run split over torchrun ranks, a
+    # pipelined run and a sequential one can be compared with a checksum).
+    member = zipfile.ZipInfo(RESULTS_MEMBER, date_time=ZIP_DATE_TIME)
+    member.compress_type = zipfile.ZIP_DEFLATED
+    member.external_attr = 0o644 << 16
     with atomic_path(out_zip) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(RESULTS_MEMBER, results_to_json(results))
+        zf.writestr(member, results_to_json(results))
     return out_zip
 
 

@@ -85,3 +85,18 @@ def test_read_submission_names_a_bad_zip(tmp_path: Path) -> None:
         zf.writestr("results.json", "[]")
     with pytest.raises(DataError, match=RESULTS_MEMBER):
         read_submission(bad)
+
+
+def test_the_same_results_give_the_same_zip_bytes(tmp_path: Path) -> None:
+    import time
+
+    from cellseg_deploy.evaluation.submission import read_submission, write_submission
+
+    results = [
+        {"image_id": 1, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5, "category_id": 2,
+         "segmentation": {"size": [8, 8], "counts": "04;0"}},
+    ]  # fmt: skip
+    a = write_submission(results, tmp_path / "a.zip").read_bytes()
+    time.sleep(2.1)  # the zip format's clock has 2-second steps
+    b = write_submission(results, tmp_path / "b.zip").read_bytes()
+    assert a == b and read_submission(tmp_path / "b.zip") == results
