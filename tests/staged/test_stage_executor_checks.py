@@ -153,11 +153,12 @@ def test_sync_counter_counts_the_calls_that_wait_for_a_gpu() -> None:
     assert not op_synchronises("repeat_interleave", (x, torch.tensor([1])), {"output_size": 10})
 
 
-def test_pool_rois_equals_torchvision_with_one_sync_per_pooling() -> None:
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pool_rois_equals_torchvision_with_one_sync_per_pooling(threads: int) -> None:
     from collections import OrderedDict
 
     from cellseg_deploy.modeling import ModelConfig
-    from cellseg_deploy.runners.staged_runner import build_host_model, pool_rois
+    from cellseg_deploy.runners.staged_runner import RoiWorkers, build_host_model, pool_rois
 
     host = build_host_model(ModelConfig(arch="tiny"))
     gen = torch.Generator().manual_seed(0)
@@ -171,9 +172,63 @@ def test_pool_rois_equals_torchvision_with_one_sync_per_pooling() -> None:
         xy = torch.rand(n, 2, generator=gen) * 200
         wh = torch.rand(n, 2, generator=gen) * torch.tensor([4.0, 150.0]) + 2  # small and large: every level
         boxes.append(torch.cat([xy, xy + wh], dim=1))
+    workers = RoiWorkers(threads)
+    workers.min_rois = 4  # split even these few RoIs into parts, one per thread
     for pooler in (host.roi_heads.box_roi_pool, host.roi_heads.mask_roi_pool):
         ref = pooler(features, boxes, sizes)
         with SyncCounter() as counter:
-            got = pool_rois(pooler, features, boxes, sizes)
+            got = pool_rois(pooler, features, boxes, sizes, workers)
         assert torch.equal(got, ref)
         assert counter.count == 1, counter.by_op
+    workers.close()
+
+
+def test_roi_workers_parts_cover_the_range_in_order() -> None:
+    from cellseg_deploy.runners.staged_runner import RoiWorkers
+
+    workers = RoiWorkers(3)
+    assert workers.parts(5, 5) == []
+    assert workers.parts(0, 10) == [(0, 10)]  # fewer than two parts' worth of RoIs: one part
+    parts = workers.parts(100, 1100)
+    assert parts == [(100, 433), (433, 766), (766, 1100)]
+    assert RoiWorkers(0).count == 1
+    assert RoiWorkers(1).parts(0, 1000) == [(0, 1000)]
+
+
+def test_pool_rois_runs_one_part_per_thread_and_matches_one_level_pooling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The box pooling of cell images: every RoI on the finest level, 1000 of them, split across 2 threads
+    (each on its own thread, the calling one included), same values as torchvision's pooler."""
+    import threading
+    from collections import OrderedDict
+
+    import torchvision.ops
+
+    from cellseg_deploy.modeling import ModelConfig
+    from cellseg_deploy.runners.staged_runner import RoiWorkers, build_host_model, pool_rois
+
+    host = build_host_model(ModelConfig(arch="tiny"))
+    pooler = host.roi_heads.box_roi_pool
+    gen = torch.Generator().manual_seed(1)
+    features = OrderedDict(
+        (name, torch.randn(1, 16, 256 // 2**k, 256 // 2**k, generator=gen))
+        for k, name in enumerate(["0", "1", "2", "pool"], start=2)
+    )
+    xy = torch.rand(1000, 2, generator=gen) * 220
+    boxes = [torch.cat([xy, xy + torch.rand(1000, 2, generator=gen) * 20 + 2], dim=1)]  # all small: level 0
+    ref = pooler(features, boxes, [(256, 256)])
+    seen: list[tuple[int, int]] = []
+    original = torchvision.ops.roi_align
+
+    def recording(feature: torch.Tensor, rois: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.append((threading.get_ident(), int(rois.shape[0])))
+        return original(feature, rois, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torchvision.ops, "roi_align", recording)
+    workers = RoiWorkers(2)
+    got = pool_rois(pooler, features, boxes, [(256, 256)], workers)
+    workers.close()
+    assert torch.equal(got, ref)
+    assert sorted(n for _, n in seen) == [500, 500]
+    assert len({ident for ident, _ in seen}) == 2
