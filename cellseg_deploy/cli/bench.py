@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import json_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_option, write_json_result
 
 
 @click.command("bench")
@@ -142,6 +142,7 @@ from cellseg_deploy.cli.common import json_option, write_json_result
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of synthetic images and untrained models."
 )
+@overwrite_option
 @json_option
 def bench(
     engine_spec: str,
@@ -173,6 +174,7 @@ def bench(
     out_dir: Path,
     cache_dir: Path,
     seed: int,
+    overwrite: bool,
     json_path: Path | None,
 ) -> None:
     """Measure end-to-end and per-stage latency of one or more engines on the same images.
@@ -190,6 +192,14 @@ def bench(
         cellseg-deploy bench --engine onnx --model-for onnx=m.onnx --data data/hw3 --limit 10 --threads 2
         cellseg-deploy bench --engine openvino:int8 --untrained r50-fpn --images 32 --mode throughput --concurrency 2
     """
+    # Before any export or measurement: the report folder (refused when it holds results, unless --overwrite),
+    # the cache (reused by design) and --json must be writable.
+    check_outputs(
+        {"--out": out_dir, "--cache": cache_dir, "--json": json_path},
+        overwrite=overwrite,
+        folders=("--out", "--cache"),
+        may_exist=("--cache",),
+    )
     from cellseg_deploy.bench.api import BenchRequest, run_bench
     from cellseg_deploy.bench.models import parse_model_for
     from cellseg_deploy.bench.report import format_text_report

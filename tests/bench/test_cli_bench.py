@@ -215,14 +215,28 @@ def test_model_file_that_does_not_match_the_engine(
             "--model-for",
             f"onnx={random_tiny_checkpoint}",
             "--out",
-            str(tmp_path),
+            str(tmp_path / "out"),
         ],
         capsys,
     )
     assert rc == 2 and "runner 'onnx'" in err and len(err.strip().splitlines()) == 1, err
     fake = tmp_path / "model.onnx"
     fake.write_bytes(b"x")
-    rc, _, err = _run(["bench", "--engine", "torch", "--model", str(fake), "--out", str(tmp_path)], capsys)
+    rc, _, err = _run(
+        ["bench", "--engine", "torch", "--model", str(fake), "--out", str(tmp_path / "out")], capsys
+    )
     assert rc == 2 and "--model takes a checkpoint" in err and len(err.strip().splitlines()) == 1, err
-    rc, _, err = _run(["bench", "--engine", "torch", "--out", str(tmp_path)], capsys)
+    rc, _, err = _run(["bench", "--engine", "torch", "--out", str(tmp_path / "out")], capsys)
     assert rc == 2 and "no model given" in err, err
+
+
+def test_outputs_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("x")
+    argv = ["bench", "--engine", "torch", "--untrained", "tiny", "--cache", str(tmp_path / "cache")]
+    rc, _, err = _run([*argv, "--out", str(tmp_path / "afile" / "out")], capsys)
+    assert rc == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "bench.json").write_text("{}")
+    rc, _, err = _run([*argv, "--out", str(tmp_path / "done")], capsys)
+    assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists()  # refused before any model was built
