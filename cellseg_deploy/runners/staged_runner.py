@@ -32,7 +32,9 @@ Registered runners:
 Precision ``fp32`` or ``fp16`` selects the stage graphs (``staged-onnx``) or engines (``trt``). Options:
 ``max_batch`` (images per backbone call; at most the profile's batch maximum), for ``trt`` also ``rebuild``
 (rebuild engines that are missing or were built for another TensorRT/GPU), ``cuda_graphs``, ``workspace_gib``;
-for ``staged-onnx`` and ``staged-torch`` ``tf32`` (allow TF32 for fp32 work on a GPU; default off).
+for ``staged-onnx`` and ``staged-torch`` ``tf32`` (allow TF32 for fp32 work on a GPU; default off); for
+``staged-onnx`` ``roi_threads`` (threads of the host RoIAlign, :class:`RoiWorkers`; default on the CPU the
+runner's ``threads``).
 """
 
 from __future__ import annotations
@@ -743,7 +745,7 @@ class StagedOnnxRunner(_StagedRunnerBase):
             threads=self.threads,
             tf32=_flag(self.options.get("tf32", False)),
         )
-        return StagedPipeline(folder, executor)
+        return StagedPipeline(folder, executor, roi_threads=_int_option(self.options, "roi_threads"))
 
 
 def load_stage_checkpoint(folder: StageFolder, path: Path | None = None) -> Any:
@@ -885,6 +887,19 @@ class TrtRunner(_StagedRunnerBase):
 
 
 _BUILD_HINT = "build them with 'cellseg-deploy export --format trt' (or runner option rebuild=true)"
+
+
+def _int_option(options: Mapping[str, Any], key: str) -> int | None:
+    """Runner option ``key`` as a positive integer (``None`` when not given)."""
+    if key not in options:
+        return None
+    try:
+        value = int(options[key])
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise UserError(f"option {key} must be a positive integer, got {options[key]!r}")
+    return value
 
 
 def _flag(value: Any) -> bool:

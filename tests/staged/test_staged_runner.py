@@ -140,6 +140,24 @@ def test_fp16_stage_outputs_are_finite_on_the_largest_profile_image(stage_dir: P
     assert all(report["max_abs"][s] > 0 for s in MODEL_STAGES)  # every stage really ran
 
 
+def test_roi_threads_give_the_one_thread_results(stage_dir: Path, cell_images: dict[int, np.ndarray]) -> None:
+    """Two runner threads pool the host RoIAlign on two threads (the default) with the same detections, bit
+    for bit, as one; ``roi_threads`` sets the count, and a bad one is a one-line error."""
+    results = {}
+    for options in ({}, {"roi_threads": 1}):
+        with create_runner("staged-onnx", stage_dir, threads=2, options=options) as runner:
+            assert runner.pipeline.roi_workers.count == options.get("roi_threads", 2)
+            results[len(options)] = [runner.predict(im) for im in cell_images.values()]
+    for got, ref in zip(results[0], results[1], strict=True):
+        assert len(ref.scores) > 0
+        assert np.array_equal(got.boxes, ref.boxes) and np.array_equal(got.scores, ref.scores)
+        assert np.array_equal(got.labels, ref.labels) and got.rles == ref.rles
+        assert got.mask_probs is not None and ref.mask_probs is not None
+        assert np.array_equal(got.mask_probs, ref.mask_probs)
+    with pytest.raises(UserError, match="roi_threads must be a positive integer"):
+        create_runner("staged-onnx", stage_dir, options={"roi_threads": "zero"}).load()
+
+
 def test_unsupported_precision_is_a_user_error(stage_dir: Path) -> None:
     with pytest.raises(UserError, match="precision"):
         create_runner("staged-onnx", stage_dir, precision="int8")
