@@ -53,6 +53,7 @@ from cellseg_deploy.bench.stats import summarize
 from cellseg_deploy.bench.timing import CudaEventTimer, SyncFn, device_synchronizer
 from cellseg_deploy.bench.workload import Workload
 from cellseg_deploy.errors import ConfigError, UserError, naming_model_output
+from cellseg_deploy.evaluation.pipeline import check_batching
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
 from cellseg_deploy.runners import Runner, create_runner
 from cellseg_deploy.structures import Detections
@@ -319,11 +320,17 @@ def _stage_times(
     return stages, sub
 
 
-def _check_batching(label: str, runner: Runner, batch: int) -> None:
-    if batch > 1 and type(runner)._infer_batch is Runner._infer_batch:
-        raise UserError(
-            f"engine {label!r} runs images one at a time, so --batch {batch} would only loop over them; use --batch 1"
-        )
+def _engine_runner(label: str, models: dict[str, EngineModel], settings: BenchSettings) -> Runner:
+    """The (not yet loaded) runner of one engine label, with the benchmark's device, precision and threads."""
+    runner_name, precision = split_label(label)
+    return create_runner(
+        runner_name,
+        models[label].path,
+        device=settings.device,
+        precision=precision or settings.precision,
+        threads=settings.threads,
+        options=_runner_options(runner_name, settings),
+    )
 
 
 def _batches(n_images: int, batch: int) -> list[tuple[int, ...]]:
@@ -369,17 +376,9 @@ def run_benchmark(
     with contextlib.ExitStack() as stack:
         pipelines: dict[str, _Pipeline] = {}
         for label in settings.engines:
-            runner_name, precision = split_label(label)
-            runner = create_runner(
-                runner_name,
-                models[label].path,
-                device=settings.device,
-                precision=precision or settings.precision,
-                threads=settings.threads,
-                options=_runner_options(runner_name, settings),
-            )
+            runner = _engine_runner(label, models, settings)
             stack.enter_context(runner)
-            _check_batching(label, runner, settings.batch)
+            check_batching(runner, settings.batch)
             infos[label] = runner.info()
             pipelines[label] = _Pipeline(label, runner, settings, sync)
         environment = capture_environment(settings.device, settings.threads)
@@ -445,12 +444,7 @@ def _run_throughput(
 ) -> dict[str, Any]:
     """Throughput mode of :func:`run_benchmark`: each engine alone, through the pipelined loop."""
     from cellseg_deploy.data.io import read_image
-    from cellseg_deploy.evaluation.pipeline import (
-        PipelineSettings,
-        check_batching,
-        inference_handles,
-        run_pipeline,
-    )
+    from cellseg_deploy.evaluation.pipeline import PipelineSettings, inference_handles, run_pipeline
     from cellseg_deploy.evaluation.predict import finish_image, infer_images
 
     pipeline = PipelineSettings(
@@ -465,15 +459,7 @@ def _run_throughput(
     rounds = 0
     measured_total = 0.0
     for label in settings.engines:
-        runner_name, precision = split_label(label)
-        with create_runner(
-            runner_name,
-            models[label].path,
-            device=settings.device,
-            precision=precision or settings.precision,
-            threads=settings.threads,
-            options=_runner_options(runner_name, settings),
-        ) as runner:
+        with _engine_runner(label, models, settings) as runner:
             check_batching(runner, settings.batch)
             handles = inference_handles(runner, settings.concurrency)
             infos[label] = runner.info()

@@ -47,8 +47,9 @@ def test_throughput_mode_counts_images_on_the_wall_clock(
     assert tp["images_per_s"] == pytest.approx(9 / tp["seconds"], rel=1e-3)
     assert e["latency"]["throughput_ips"] == tp["images_per_s"]  # what the tables' throughput column shows
     assert e["latency"]["n"] == 9, "one latency sample per image of the measured passes, warm-up excluded"
-    # every image's latency under load is at most the wall time of the whole measurement
-    assert max(e["samples_ms"]) <= tp["seconds"] * 1e3 + 1e-6
+    # every image's latency under load is at most the wall time of the whole measurement (the last image can
+    # wait in the queue for nearly all of it; "seconds" is rounded to the millisecond)
+    assert max(e["samples_ms"]) <= tp["seconds"] * 1e3 + 0.5 + 1e-6
     assert sum(e["stage_mean_ms"][s] for s in STAGES) == pytest.approx(e["latency"]["mean_ms"], rel=1e-6)
     assert e["detections_per_image"] == {"mean": 6.0, "min": 6.0, "max": 6.0}
     assert [p["image"] for p in e["per_image"]] == [im.name for im in workload.images]
