@@ -24,7 +24,8 @@ from cellseg_deploy.cli.common import (
 
 _ENGINE_HELP = (
     "Runner to use (a registered name: torch, onnx, staged-onnx, trt, ...). Default: from the model file "
-    "(.pt -> torch, .onnx -> onnx, folder or manifest -> staged-onnx)."
+    "(.pt -> torch, .onnx -> onnx, .xml -> openvino, engines.json or its folder -> trt, stage folder or "
+    "manifest -> staged-onnx)."
 )
 
 
@@ -171,7 +172,8 @@ def eval_cmd(
 ) -> None:
     """COCO segm and bbox AP, AP50, AP75 and per-class AP50 of MODEL on a dataset split, with any runner.
 
-    MODEL is a checkpoint (.pt), an exported .onnx file, a stage folder or an engine manifest. The table
+    MODEL is a checkpoint (.pt), an exported .onnx file, an OpenVINO .xml IR, a stage folder or a TensorRT
+    engine manifest (engines.json; --engine picks the runner otherwise inferred from the file). The table
     states the detection cap used (COCOeval keeps at most --max-dets detections per image and category);
     the model's own cap (detections_per_img, fixed in the checkpoint and baked into exports) applies first.
     An image that cannot be read or run is skipped, left out of the scores and named (exit 1).

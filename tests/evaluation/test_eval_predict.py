@@ -244,6 +244,11 @@ def test_unreadable_image_is_skipped_and_named_or_stops_with_strict(
 def test_engine_inference_and_model_cap(runner: Any, tmp_path: Path) -> None:
     assert infer_engine("m.pt") == "torch" and infer_engine("m.onnx") == "onnx"
     assert infer_engine(tmp_path) == "staged-onnx" and infer_engine("stages/manifest.json") == "staged-onnx"
+    assert infer_engine("m.int8.xml") == "openvino" and infer_engine("engines/engines.json") == "trt"
+    (tmp_path / "engines.json").write_text("{}")
+    assert infer_engine(tmp_path) == "trt"  # a folder holding an engine manifest and no stage manifest
+    (tmp_path / "manifest.json").write_text("{}")
+    assert infer_engine(tmp_path) == "staged-onnx"
     with pytest.raises(UserError, match="--engine"):
         infer_engine("model.bin")
     assert model_detection_cap(runner) == 100
