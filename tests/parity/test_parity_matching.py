@@ -238,7 +238,9 @@ def test_mask_probability_difference_fails_the_verdict_alone() -> None:
     assert "worst image b (0.2000)" in report.failures[0] and "limit <= 0.01" in report.failures[0]
     assert "prob p99" in report.table() and report.to_dict()["images"][1]["max_mask_prob_diff"] > 0.19
     # Within the limit: passes.
-    assert compare_runs(ref, cand, profile=get_profile("fp32", {"max_mask_prob_diff_p99": 0.2}), min_instances=1).passed
+    assert compare_runs(
+        ref, cand, profile=get_profile("fp32", {"max_mask_prob_diff_p99": 0.2}), min_instances=1
+    ).passed
     small = {i: with_probs(make(CELLS, [0.9, 0.8, 0.7, 0.6]), p_ref + 0.004) for i in (1, 2)}
     assert compare_runs(ref, small, profile=PROFILES["fp32"], min_instances=1).passed
 
@@ -303,7 +305,14 @@ def crowded() -> Instances:
     """What an untrained model returns on touching cells: overlapping same-class detections (one pair nested,
     one pair half-overlapping), exact duplicates, empty masks (one with a degenerate box), scores on both
     sides of any threshold."""
-    spans = [(2, 2, 12, 12), (4, 4, 10, 10), (6, 2, 16, 12), (6, 2, 16, 12), (20, 5, 30, 15), (40, 20, 55, 35)]
+    spans = [
+        (2, 2, 12, 12),
+        (4, 4, 10, 10),
+        (6, 2, 16, 12),
+        (6, 2, 16, 12),
+        (20, 5, 30, 15),
+        (40, 20, 55, 35),
+    ]
     inst = make(spans, [0.95, 0.9, 0.6, 0.6, 0.3, 0.08], labels=[1, 1, 1, 1, 2, 1])
     empty = encode_mask(np.zeros((H, W), bool))
     boxes = np.concatenate([inst.boxes, np.array([[30, 30, 30, 36], [50, 2, 58, 9]], np.float32)])
@@ -365,7 +374,12 @@ def test_the_ap_gate_needs_enough_ground_truth() -> None:
     overall = compare_runs({1: crowded()}, {1: crowded()}, profile=PROFILES["int8"], min_instances=1).overall
     few = {"reference": 0.55, "candidate": 0.59, "diff": 0.04, "n_gt": 40}
     gate = next(c for c in evaluate_checks(overall, few, PROFILES["int8"]) if c.key == "ap50_gt_diff")
-    assert gate.ok and gate.n == 40 and "only 40 ground-truth instances" in gate.skipped and "134" in gate.skipped
+    assert (
+        gate.ok
+        and gate.n == 40
+        and "only 40 ground-truth instances" in gate.skipped
+        and "134" in gate.skipped
+    )
     enough = {**few, "n_gt": 134}
     gate = next(c for c in evaluate_checks(overall, enough, PROFILES["int8"]) if c.key == "ap50_gt_diff")
     assert not gate.ok and not gate.skipped
