@@ -40,11 +40,12 @@ def _register() -> None:
     from cellseg_deploy.cli.evaluate import eval_cmd, predict_cmd
     from cellseg_deploy.cli.export import export_cmd
     from cellseg_deploy.cli.parity import parity_cmd
+    from cellseg_deploy.cli.scorecard import scorecard_cmd
     from cellseg_deploy.cli.train import train_cmd
 
-    for command in (data, train_cmd, export_cmd, parity_cmd, eval_cmd, predict_cmd, bench, demo):
+    commands = (data, train_cmd, export_cmd, parity_cmd, eval_cmd, predict_cmd, bench, scorecard_cmd, demo)
+    for command in commands:
         cli.add_command(command)
-    cli.add_command(__import__("cellseg_deploy.cli.scorecard", fromlist=["_"]).scorecard_cmd)
 
 
 _register()
