@@ -192,8 +192,7 @@ def eval_cmd(
     types = tuple(t.strip() for t in iou_types.split(",") if t.strip())
     failures = ImageFailures()
     pipeline = _pipeline(workers, batch, concurrency, device)
-    dist = distributed.start(device) if distributed.launched() else None
-    try:
+    with distributed.session(device) as dist:
         result = evaluate_model(
             model,
             engine,
@@ -204,9 +203,9 @@ def eval_cmd(
             mask_thresh=mask_thresh,
             val_fraction=val_fraction,
             seed=seed,
-            device=distributed.rank_device(dist, device) if dist else device,
+            device=distributed.rank_device(dist, device),
             precision=precision,
-            threads=distributed.rank_threads(dist, threads, device) if dist else threads,
+            threads=distributed.rank_threads(dist, threads, device),
             iou_types=types,
             progress=progress,
             failures=failures,
@@ -214,9 +213,6 @@ def eval_cmd(
             pipeline=pipeline,
             dist=dist,
         )
-    finally:
-        if dist is not None:
-            distributed.finish(dist)
     if dist is not None and not dist.is_main:
         if failures:
             raise SystemExit(1)  # rank 0 prints the table and names the skipped images
@@ -333,32 +329,30 @@ def predict_cmd(
     post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=max_per_image)
     name = engine or infer_engine(model)
     pipeline = _pipeline(workers, batch, concurrency, device)
-    dist = distributed.start(device) if distributed.launched() else None
-    try:
-        with create_runner(
+    with (
+        distributed.session(device) as dist,
+        create_runner(
             name,
             model,
-            device=distributed.rank_device(dist, device) if dist else device,
+            device=distributed.rank_device(dist, device),
             precision=precision,
-            threads=distributed.rank_threads(dist, threads, device) if dist else threads,
+            threads=distributed.rank_threads(dist, threads, device),
             options=_concurrency_options(name, concurrency),
-        ) as runner:
-            summary = predict_folder(
-                runner,
-                images_dir,
-                ids_map,
-                out_zip,
-                overlays_dir=overlays_dir,
-                strict=strict,
-                post=post,
-                progress=progress,
-                max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                pipeline=pipeline,
-                dist=dist,
-            )
-    finally:
-        if dist is not None:
-            distributed.finish(dist)
+        ) as runner,
+    ):
+        summary = predict_folder(
+            runner,
+            images_dir,
+            ids_map,
+            out_zip,
+            overlays_dir=overlays_dir,
+            strict=strict,
+            post=post,
+            progress=progress,
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            pipeline=pipeline,
+            dist=dist,
+        )
     if dist is not None and not dist.is_main:
         if summary.failed:
             raise SystemExit(1)  # rank 0 prints the summary and names the skipped images

@@ -42,6 +42,7 @@ __all__ = [
     "rank_device",
     "rank_threads",
     "result_from_main",
+    "session",
     "start",
 ]
 
@@ -70,18 +71,32 @@ def finish(info: DistInfo) -> None:
     cleanup(info)
 
 
-def rank_device(info: DistInfo, device: str) -> str:
+@contextlib.contextmanager
+def session(device: str) -> Iterator[DistInfo | None]:
+    """The process group of a ``torchrun`` launch for the block (:func:`start`, then :func:`finish` however
+    the block ends); ``None`` in a process that ``torchrun`` did not start as one of several."""
+    if not launched():
+        yield None
+        return
+    info = start(device)
+    try:
+        yield info
+    finally:
+        finish(info)
+
+
+def rank_device(info: DistInfo | None, device: str) -> str:
     """The device of this rank: ``cuda:LOCAL_RANK`` for a CUDA run of several processes, else ``device``."""
-    if info.enabled and device.startswith("cuda"):
+    if info is not None and info.enabled and device.startswith("cuda"):
         return f"cuda:{info.local_rank}"
     return device
 
 
-def rank_threads(info: DistInfo, threads: int | None, device: str) -> int | None:
+def rank_threads(info: DistInfo | None, threads: int | None, device: str) -> int | None:
     """CPU threads of this rank's runner: ``threads`` when given; in a CPU run of several processes on one
     machine, this machine's usable cores divided among them (each process is one CPU slice); else ``None``
     (the backend's default)."""
-    if threads is not None or not info.enabled or device.startswith("cuda"):
+    if threads is not None or info is None or not info.enabled or device.startswith("cuda"):
         return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, info.local_world_size))
