@@ -47,19 +47,23 @@ tolerance; below that the difference is reported, and the report says why it was
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cellseg_deploy.errors import ConfigError, DataError, UserError, naming_model_output
 from cellseg_deploy.structures import Instances
+
+if TYPE_CHECKING:
+    from cellseg_deploy.runners.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +392,6 @@ def compare_instances(
     Raises:
         UserError: the two sides describe images of different sizes.
     """
-    from scipy.optimize import linear_sum_assignment
-
     from cellseg_deploy.data.rle import rle_iou
 
     if tuple(ref.image_size) != tuple(cand.image_size):
@@ -398,29 +400,7 @@ def compare_instances(
         )
     ref_hi = ref.scores >= score_thresh
     cand_hi = cand.scores >= score_thresh
-    ref_partner = np.full(len(ref), -1, np.int64)
-    cand_partner = np.full(len(cand), -1, np.int64)
-    pair_iou: dict[int, float] = {}
-    for label in np.union1d(ref.labels, cand.labels):
-        ri = np.flatnonzero(ref.labels == label)
-        ci = np.flatnonzero(cand.labels == label)
-        if not len(ri) or not len(ci):
-            continue
-        iou = _mask_iou(ref, ri, cand, ci)
-        # (1 - mask IoU) + (1 - box IoU): the box keeps each detection with its counterpart when the masks
-        # alone are ambiguous (overlapping cells, distorted masks); ties go to the closer score. Pairs below
-        # min_iou are made unattractive, then dropped.
-        box_iou = _box_iou(ref.boxes[ri], cand.boxes[ci])
-        cost = (
-            (1.0 - iou) + (1.0 - box_iou) + 1e-3 * np.abs(ref.scores[ri][:, None] - cand.scores[ci][None, :])
-        )
-        cost[iou < min_iou] = 1e6
-        rows, cols = linear_sum_assignment(cost)
-        for r, c in zip(rows, cols, strict=True):
-            if iou[r, c] >= min_iou:
-                ref_partner[ri[r]] = ci[c]
-                cand_partner[ci[c]] = ri[r]
-                pair_iou[int(ri[r])] = float(iou[r, c])
+    ref_partner, cand_partner, pair_iou = match_instances(ref, cand, min_iou)
 
     pairs = [(r, int(c)) for r, c in enumerate(ref_partner) if c >= 0 and (ref_hi[r] or cand_hi[c])]
     r_idx = np.array([p[0] for p in pairs], np.int64)
@@ -430,7 +410,7 @@ def compare_instances(
             axis=1
         )
         score_diffs = np.abs(ref.scores[r_idx].astype(np.float64) - cand.scores[c_idx].astype(np.float64))
-        ious = np.array([pair_iou[r] for r in r_idx], np.float64)
+        ious = pair_iou[r_idx]
     else:
         box_diffs = score_diffs = ious = np.zeros((0,), np.float64)
     mask_probs_skipped = _mask_probs_unavailable(ref, cand)
@@ -450,7 +430,7 @@ def compare_instances(
         cross = rle_iou([ref.rles[i] for i in missed_idx], cand.rles)
         other = ref.labels[missed_idx][:, None] != cand.labels[None, :]
         class_changed = int(((cross >= min_iou) & other).any(axis=1).sum())
-    strong = int(sum(1 for r in r_idx if ref_hi[r] and pair_iou[int(r)] >= strong_iou))
+    strong = int(sum(1 for r in r_idx if ref_hi[r] and pair_iou[r] >= strong_iou))
 
     return ImageParity(
         image_id=int(image_id),
@@ -472,6 +452,43 @@ def compare_instances(
         mask_prob_diffs=mask_prob_diffs,
         mask_probs_skipped=mask_probs_skipped,
     )
+
+
+def match_instances(
+    ref: Instances, cand: Instances, min_iou: float = DEFAULT_MIN_IOU
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The optimal same-class matching of one image's instances (all of them, whatever their scores).
+
+    Returns:
+        ``(ref_partner, cand_partner, ref_iou)``: int64 ``[N_ref]`` / ``[N_cand]``, the partner's index or
+        -1; float64 ``[N_ref]``, the pair's mask IoU (``nan`` without a partner).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    ref_partner = np.full(len(ref), -1, np.int64)
+    cand_partner = np.full(len(cand), -1, np.int64)
+    ref_iou = np.full(len(ref), np.nan)
+    for label in np.union1d(ref.labels, cand.labels):
+        ri = np.flatnonzero(ref.labels == label)
+        ci = np.flatnonzero(cand.labels == label)
+        if not len(ri) or not len(ci):
+            continue
+        iou = _mask_iou(ref, ri, cand, ci)
+        # (1 - mask IoU) + (1 - box IoU): the box keeps each detection with its counterpart when the masks
+        # alone are ambiguous (overlapping cells, distorted masks); ties go to the closer score. Pairs below
+        # min_iou are made unattractive, then dropped.
+        box_iou = _box_iou(ref.boxes[ri], cand.boxes[ci])
+        cost = (
+            (1.0 - iou) + (1.0 - box_iou) + 1e-3 * np.abs(ref.scores[ri][:, None] - cand.scores[ci][None, :])
+        )
+        cost[iou < min_iou] = 1e6
+        rows, cols = linear_sum_assignment(cost)
+        for r, c in zip(rows, cols, strict=True):
+            if iou[r, c] >= min_iou:
+                ref_partner[ri[r]] = ci[c]
+                cand_partner[ci[c]] = ri[r]
+                ref_iou[ri[r]] = float(iou[r, c])
+    return ref_partner, cand_partner, ref_iou
 
 
 def _mask_probs_unavailable(ref: Instances, cand: Instances) -> str:
@@ -1092,7 +1109,7 @@ def run_parity(
     from cellseg_deploy.evaluation.pipeline import SEQUENTIAL, run_pipeline
     from cellseg_deploy.evaluation.predict import ImageFailures, finish_image, image_path_of, infer_images
     from cellseg_deploy.postprocess import PostprocessConfig
-    from cellseg_deploy.runners.registry import create_runner, get_runner_class
+    from cellseg_deploy.runners.registry import get_runner_class
 
     t_start = time.perf_counter()
     tol = profile if isinstance(profile, ToleranceProfile) else get_profile(profile)
@@ -1124,16 +1141,16 @@ def run_parity(
     cand_out: dict[int, Instances] = {}
     names: dict[int, str] = {}
     timings = {"reference_s": 0.0, "candidate_s": 0.0}
-    with (
-        create_runner(reference_engine, reference_model, device=device, threads=threads) as ref_runner,
-        create_runner(
-            candidate_engine,
-            candidate_model,
-            device=candidate_device or device,
-            precision=candidate_precision,
-            threads=threads,
-        ) as cand_runner,
-    ):
+    with runner_pair(
+        reference_engine,
+        reference_model,
+        candidate_engine,
+        candidate_model,
+        device=device,
+        candidate_device=candidate_device,
+        candidate_precision=candidate_precision,
+        threads=threads,
+    ) as (ref_runner, cand_runner):
         lock = threading.Lock()  # timings are summed from the pipeline's threads
 
         def decode(item: tuple[dict[str, Any], Path]) -> np.ndarray:
@@ -1216,6 +1233,35 @@ def run_parity(
     )
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+@contextlib.contextmanager
+def runner_pair(
+    reference_engine: str,
+    reference_model: str | Path,
+    candidate_engine: str,
+    candidate_model: str | Path,
+    *,
+    device: str = "cpu",
+    candidate_device: str | None = None,
+    candidate_precision: str = "fp32",
+    threads: int | None = None,
+) -> Iterator[tuple[Runner, Runner]]:
+    """The loaded reference and candidate runners of a parity run (the reference at its default precision,
+    the candidate on ``candidate_device`` or ``device``), closed together."""
+    from cellseg_deploy.runners.registry import create_runner
+
+    with (
+        create_runner(reference_engine, reference_model, device=device, threads=threads) as ref_runner,
+        create_runner(
+            candidate_engine,
+            candidate_model,
+            device=candidate_device or device,
+            precision=candidate_precision,
+            threads=threads,
+        ) as cand_runner,
+    ):
+        yield ref_runner, cand_runner
 
 
 def _short_name(entry: dict[str, Any], path: Path) -> str:

@@ -61,31 +61,11 @@ class InstanceStatus:
 def classify_instances(
     ref: Instances, cand: Instances, *, score_thresh: float, min_iou: float = 0.5, strong_iou: float = 0.95
 ) -> InstanceStatus:
-    """The status of every instance of one image (see the module docstring)."""
-    from scipy.optimize import linear_sum_assignment
+    """The status of every instance of one image (see the module docstring), from parity's own matching
+    (:func:`~cellseg_deploy.evaluation.parity.match_instances`), so the picture and the report agree."""
+    from cellseg_deploy.evaluation.parity import match_instances
 
-    from cellseg_deploy.evaluation.parity import _box_iou, _mask_iou
-
-    ref_partner = np.full(len(ref), -1, np.int64)
-    cand_partner = np.full(len(cand), -1, np.int64)
-    ref_iou = np.full(len(ref), np.nan)
-    for label in np.union1d(ref.labels, cand.labels):
-        ri = np.flatnonzero(ref.labels == label)
-        ci = np.flatnonzero(cand.labels == label)
-        if not len(ri) or not len(ci):
-            continue
-        iou = _mask_iou(ref, ri, cand, ci)
-        cost = (
-            (1.0 - iou)
-            + (1.0 - _box_iou(ref.boxes[ri], cand.boxes[ci]))
-            + 1e-3 * np.abs(ref.scores[ri][:, None] - cand.scores[ci][None, :])
-        )
-        cost[iou < min_iou] = 1e6
-        rows, cols = linear_sum_assignment(cost)
-        for r, c in zip(rows, cols, strict=True):
-            if iou[r, c] >= min_iou:
-                ref_partner[ri[r]], cand_partner[ci[c]] = ci[c], ri[r]
-                ref_iou[ri[r]] = float(iou[r, c])
+    ref_partner, cand_partner, ref_iou = match_instances(ref, cand, min_iou)
     ref_hi = ref.scores >= score_thresh
     cand_hi = cand.scores >= score_thresh
     ref_status = np.full(len(ref), "", dtype=object)
@@ -213,9 +193,9 @@ def write_parity_overlays(
     """
     from cellseg_deploy.data.coco import dataset_to_coco
     from cellseg_deploy.data.io import read_image
+    from cellseg_deploy.evaluation.parity import runner_pair
     from cellseg_deploy.evaluation.predict import image_path_of
     from cellseg_deploy.postprocess import PostprocessConfig
-    from cellseg_deploy.runners.registry import create_runner
 
     st = report.settings
     ids = worst_images(report, limit)
@@ -231,16 +211,16 @@ def write_parity_overlays(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     precision = (report.candidate or {}).get("precision") or "fp32"
-    with (
-        create_runner(reference_engine, reference_model, device=device, threads=threads) as ref_runner,
-        create_runner(
-            candidate_engine,
-            candidate_model,
-            device=candidate_device or device,
-            precision=precision,
-            threads=threads,
-        ) as cand_runner,
-    ):
+    with runner_pair(
+        reference_engine,
+        reference_model,
+        candidate_engine,
+        candidate_model,
+        device=device,
+        candidate_device=candidate_device,
+        candidate_precision=precision,
+        threads=threads,
+    ) as (ref_runner, cand_runner):
         for image_id in ids:
             image = read_image(image_path_of(entries[image_id], Path(data_root)))
             ref = ref_runner.predict(image, post)
