@@ -63,8 +63,8 @@ def check_outside(
 
     Returns a JSON-ready dict with both means (ms per image), their relative difference and ``passed``.
     """
+    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.evaluation.predict import predict_folder
-    from cellseg_deploy.runners import create_runner
 
     post = post or PostprocessConfig()
     runner_name, precision = split_label(engine)

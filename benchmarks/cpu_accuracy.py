@@ -42,10 +42,10 @@ from typing import Any
 
 from cellseg_deploy.bench.environment import capture_environment
 from cellseg_deploy.bench.runner_bench import split_label
-from cellseg_deploy.cli.common import markdown_table
 from cellseg_deploy.errors import UserError
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
 from cellseg_deploy.plots import new_figure, save_png
+from cellseg_deploy.tables import markdown_table
 
 ENGINES = ("torch", "onnx", "openvino", "openvino:bf16", "openvino:int8")
 FAST_PATHS = ("openvino:bf16", "openvino:int8")
@@ -139,8 +139,8 @@ def export_models(
     and that ONNX file quantised (calibrated on ``calib_data``'s training split) for int8. Files in ``folder``
     are reused only when made from this checkpoint (the ONNX metadata's ``source_sha256``) and from this ONNX
     file (the int8 IR's ``onnx_sha256``)."""
-    from cellseg_deploy.export.metadata import read_onnx_metadata
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.metadata import read_onnx_metadata
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
     from cellseg_deploy.io_utils import sha256_file
 
     onnx_path = folder / "model.onnx"
@@ -157,7 +157,7 @@ def export_models(
             models[label] = checkpoint
         elif precision == "int8":
             if not _quantised_from(xml_path, onnx_path):
-                from cellseg_deploy.export.openvino_int8 import calibration_images, quantize_onnx
+                from cellseg_deploy.backends.openvino.int8 import calibration_images, quantize_onnx
 
                 log(f"quantising {onnx_path} -> {xml_path} (calibrated on {calib_data})")
                 images, source = calibration_images(calib_data)
@@ -174,7 +174,7 @@ def _quantised_from(xml_path: Path, onnx_path: Path) -> bool:
         return False
     import openvino as ov
 
-    from cellseg_deploy.export.openvino_int8 import read_quantisation
+    from cellseg_deploy.backends.openvino.ir import read_quantisation
     from cellseg_deploy.io_utils import sha256_file
 
     record = read_quantisation(ov.Core().read_model(str(xml_path)))
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unknown:
             raise UserError(f"unknown case(s) {unknown}; choose from {list(by_name)}")
-        from cellseg_deploy.runners import get_runner_class
+        from cellseg_deploy.backends import get_runner_class
 
         available: list[str] = []
         for e in engines:

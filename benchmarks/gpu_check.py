@@ -14,7 +14,7 @@ Steps (each one passes, fails or is skipped with the reason; later steps use ear
    512 px / 150 cells and 800 px / 500 cells (without TensorRT: ``torch`` and ``staged-torch:fp16``).
 
 Without TensorRT, the steps that need it are skipped and the report says why
-(:func:`cellseg_deploy.export.tensorrt.trt_unavailable_reason`). The report (``report.md`` +
+(:func:`cellseg_deploy.backends.tensorrt.build.trt_unavailable_reason`). The report (``report.md`` +
 ``report.json``) names the GPU, the versions and every step's outcome and seconds; the exit code is 1 when a
 step failed. ``--dry-run`` runs every step on the CPU with the smallest settings (the tiny model, a few
 images, one benchmark round at small sizes), so the orchestration is tested in CI (``tests/test_gpu_check.py``,
@@ -75,7 +75,7 @@ class Plan:
 
 def make_plan(out: Path, *, dry_run: bool, device: str = "cuda") -> Plan:
     """The settings for a real run (``device``, AMP, the issue's benchmark sizes) or a dry one (the CPU)."""
-    from cellseg_deploy.export.tensorrt import trt_unavailable_reason
+    from cellseg_deploy.backends.tensorrt.build import trt_unavailable_reason
 
     return Plan(
         device="cpu" if dry_run else device,
@@ -203,7 +203,7 @@ def _train(plan: Plan, state: dict[str, Any]) -> str:
 
 
 def _export(plan: Plan, state: dict[str, Any]) -> str:
-    from cellseg_deploy.export.staged import export_staged
+    from cellseg_deploy.backends.staged.export import export_staged
 
     result = export_staged(state["checkpoint"], plan.out / "stages", fp16=True)
     state["stages"] = result.out_dir
@@ -211,8 +211,8 @@ def _export(plan: Plan, state: dict[str, Any]) -> str:
 
 
 def _trt_parity(plan: Plan, state: dict[str, Any], precision: str, step: Step) -> str:
+    from cellseg_deploy.backends.tensorrt.build import build_engines
     from cellseg_deploy.evaluation.parity import run_parity
-    from cellseg_deploy.export.tensorrt import build_engines
 
     built = build_engines(state["stages"], fp16=precision == "fp16", workspace_gib=2)
     report = run_parity(

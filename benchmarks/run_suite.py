@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from check_outside import check_outside, format_check  # noqa: E402
 
+from cellseg_deploy.backends import create_runner, get_runner_class, list_runners  # noqa: E402
 from cellseg_deploy.bench.api import BenchRequest, run_bench  # noqa: E402
 from cellseg_deploy.bench.environment import capture_environment  # noqa: E402
 from cellseg_deploy.bench.models import EXPORTERS, build_untrained_checkpoint, resolve_engine_models  # noqa: E402
@@ -46,9 +47,8 @@ from cellseg_deploy.bench.report import (  # noqa: E402
 )
 from cellseg_deploy.bench.runner_bench import BenchSettings, parse_engine_specs, split_label  # noqa: E402
 from cellseg_deploy.bench.workload import synthetic_workload  # noqa: E402
-from cellseg_deploy.cli.common import markdown_table  # noqa: E402
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
-from cellseg_deploy.runners import create_runner, get_runner_class, list_runners  # noqa: E402
+from cellseg_deploy.tables import markdown_table  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellseg_deploy.cli.common import markdown_table
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
+from cellseg_deploy.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ def _step(name: str, steps: dict[str, float], echo: Callable[[str], None]) -> Ca
 
 def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
     """Run every step (see the module docstring) and write ``config.out/report.md``."""
+    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.bench.scorecard import ScorecardRequest, run_scorecard
     from cellseg_deploy.data.check import check_dataset
     from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
     from cellseg_deploy.evaluation.predict import evaluate_model, predict_folder
-    from cellseg_deploy.runners import create_runner
     from cellseg_deploy.training import load_recipe, train
 
     out = Path(config.out)

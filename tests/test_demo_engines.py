@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cellseg_deploy.backends import get_runner_class, list_runners
 from cellseg_deploy.bench.runner_bench import parse_engine_specs, split_label
 from cellseg_deploy.demo import DEMO_ENGINES, _summary_rows
-from cellseg_deploy.runners import get_runner_class, list_runners
 
 
 def test_the_demo_names_every_runner_and_precision_worth_deploying() -> None:

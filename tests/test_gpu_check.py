@@ -49,7 +49,7 @@ def test_dry_run_with_the_trt_double_runs_every_step(trt_double, tmp_path: Path)
 
 def test_plan_without_tensorrt_says_what_is_skipped_and_why(tmp_path: Path) -> None:
     gpu_check = load_script()
-    from cellseg_deploy.export.tensorrt import trt_unavailable_reason
+    from cellseg_deploy.backends.tensorrt.build import trt_unavailable_reason
 
     reason = trt_unavailable_reason()
     if reason is None:

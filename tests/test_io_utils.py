@@ -116,9 +116,9 @@ def test_predict_keeps_its_results_when_the_zip_cannot_be_written(
 
     import numpy as np
 
+    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.data.io import write_image_tif
     from cellseg_deploy.evaluation.predict import predict_folder
-    from cellseg_deploy.runners import create_runner
 
     images = tmp_path / "imgs"
     images.mkdir()

@@ -68,9 +68,9 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import psutil
 
+    from cellseg_deploy.backends import create_runner, get_runner_class
     from cellseg_deploy.data.io import read_image
     from cellseg_deploy.postprocess import PostprocessConfig, postprocess
-    from cellseg_deploy.runners import create_runner, get_runner_class
 
     get_runner_class(spec["engine"])  # imports the backend module
     device: str = spec["device"]

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cellseg_deploy.backends import get_runner_class
 from cellseg_deploy.errors import ConfigError, ModelFileError, UserError
 from cellseg_deploy.io_utils import sha256_file
-from cellseg_deploy.runners import get_runner_class
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,13 @@ class Exporter:
 
 
 EXPORTERS: tuple[Exporter, ...] = (
-    Exporter(".onnx", "cellseg_deploy.export.onnx_export", "export_onnx", "model.onnx"),
-    Exporter("/", "cellseg_deploy.export.staged", "export_staged", "stages", complete="manifest.json"),
+    Exporter(".onnx", "cellseg_deploy.backends.onnxrt.export", "export_onnx", "model.onnx"),
+    Exporter(
+        "/", "cellseg_deploy.backends.staged.stages", "export_staged", "stages", complete="manifest.json"
+    ),
     Exporter(
         ".xml",
-        "cellseg_deploy.export.openvino_int8",
+        "cellseg_deploy.backends.openvino.int8",
         "export_openvino_int8",
         "model.int8.xml",
         precision="int8",
@@ -142,7 +144,7 @@ def recorded_source(path: Path) -> str | None:
     if path.is_file() and suffix in CHECKPOINT_SUFFIXES:
         return sha256_file(path)
     if path.is_file() and suffix == ".onnx":
-        from cellseg_deploy.export.metadata import read_onnx_metadata
+        from cellseg_deploy.backends.metadata import read_onnx_metadata
 
         value = read_onnx_metadata(path).get("source_sha256")
         return str(value) if value else None
@@ -168,7 +170,7 @@ def _openvino_source(path: Path) -> str | None:
         import openvino as ov
     except ImportError:
         return None
-    from cellseg_deploy.runners.openvino_runner import read_provenance
+    from cellseg_deploy.backends.openvino.ir import read_provenance
 
     try:
         value = read_provenance(ov.Core().read_model(str(path))).get("source_sha256")

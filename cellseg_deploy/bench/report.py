@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from cellseg_deploy.bench.runner_bench import STAGES
-from cellseg_deploy.cli.common import format_table, markdown_table
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
 from cellseg_deploy.plots import new_figure, save_png
+from cellseg_deploy.tables import format_table, markdown_table
 
 STAGE_ORDER: tuple[str, ...] = STAGES
 

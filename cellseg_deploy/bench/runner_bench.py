@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cellseg_deploy.backends import Runner, create_runner
 from cellseg_deploy.bench.environment import capture_environment, load_average
 from cellseg_deploy.bench.memory import peak_rss_mb, probe_memory
 from cellseg_deploy.bench.models import EngineModel
@@ -55,7 +56,6 @@ from cellseg_deploy.bench.workload import Workload
 from cellseg_deploy.errors import ConfigError, UserError, naming_model_output
 from cellseg_deploy.evaluation.pipeline import check_batching
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
-from cellseg_deploy.runners import Runner, create_runner
 from cellseg_deploy.structures import Detections
 
 SCHEMA = "cellseg-deploy/bench/1"
@@ -189,7 +189,7 @@ def parse_engine_specs(spec: str) -> tuple[str, ...]:
     Raises:
         UserError: no engine, an unknown runner, an unsupported precision or a repeated label (one line).
     """
-    from cellseg_deploy.runners import get_runner_class, list_runners
+    from cellseg_deploy.backends import get_runner_class, list_runners
 
     labels = tuple(s.strip() for s in spec.split(",") if s.strip())
     if not labels:

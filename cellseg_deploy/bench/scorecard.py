@@ -148,10 +148,10 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
     Raises:
         UserError: a checkpoint, dataset or engine that cannot be used (one line).
     """
+    from cellseg_deploy.backends import get_runner_class
     from cellseg_deploy.bench.api import BenchRequest, models_by_label, run_bench
     from cellseg_deploy.bench.models import resolve_engine_models
     from cellseg_deploy.bench.runner_bench import BenchSettings, split_label
-    from cellseg_deploy.runners import get_runner_class
 
     say = log_fn or (lambda _msg: None)
     rows: dict[str, dict[str, Any]] = {}
@@ -274,8 +274,8 @@ def _predict_split(
     request: ScorecardRequest, runner: str, model_path: Path, precision: str
 ) -> tuple[dict[str, Any], dict[int, Any], dict[str, Any]]:
     """``(gt, {image_id: Instances}, runner info)`` of one engine on the split (every detection kept)."""
+    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.evaluation.predict import run_dataset
-    from cellseg_deploy.runners import create_runner
 
     with create_runner(runner, model_path, precision=precision, threads=request.threads) as r:
         gt, preds = run_dataset(
@@ -401,7 +401,7 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
 
 def markdown_report(result: dict[str, Any], chart: str | None = None) -> str:
     """``scorecard.md``: the table, then what it was measured on and every parity failure."""
-    from cellseg_deploy.cli.common import markdown_table
+    from cellseg_deploy.tables import markdown_table
 
     req, data, bench = result["request"], result["data"], result["bench"]
     md = [

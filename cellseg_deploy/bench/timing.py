@@ -113,7 +113,7 @@ class CudaEventTimer:
     def __init__(self, device: Any = "cuda") -> None:
         import torch
 
-        from cellseg_deploy.runners.devices import torch_device
+        from cellseg_deploy.backends.devices import torch_device
 
         self.device = torch_device(device)
         if self.device.type != "cuda":

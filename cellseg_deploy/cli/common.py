@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from cellseg_deploy.io_utils import OutputError, atomic_write_json, check_output, rescue_path
+from cellseg_deploy.tables import format_table
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -121,30 +122,3 @@ def write_json_file(path: Path, obj: Any, *, what: str, indent: int | None = 2) 
 def echo_table(rows: list[list[Any]], headers: list[str]) -> None:
     """Print a plain aligned text table to stdout."""
     click.echo(format_table(rows, headers))
-
-
-def format_table(rows: list[list[Any]], headers: list[str]) -> str:
-    """Format rows as an aligned text table (floats with 4 significant decimals)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.1f}"
-        return str(v)
-
-    cells = [[fmt(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join([line, sep, *body])
-
-
-def markdown_table(rows: list[list[Any]], headers: list[str]) -> str:
-    """Format rows as a GitHub Markdown table."""
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(out)

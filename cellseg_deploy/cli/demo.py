@@ -6,13 +6,8 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import (
-    check_outputs,
-    format_table,
-    json_option,
-    overwrite_option,
-    write_json_result,
-)
+from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_option, write_json_result
+from cellseg_deploy.tables import format_table
 
 
 @click.command("demo")

@@ -1,9 +1,9 @@
 """``cellseg-deploy export``: a checkpoint to an ONNX graph, stage graphs, or TensorRT engines.
 
-One library function per format: :func:`cellseg_deploy.export.onnx_export.export_onnx` (``onnx``),
-:func:`cellseg_deploy.export.staged.export_staged` (``staged``),
-:func:`cellseg_deploy.export.tensorrt.build_engines` (``trt``, after ``export_staged`` when given a checkpoint)
-and :func:`cellseg_deploy.export.openvino_int8.export_openvino_int8` (``openvino-int8``).
+One library function per format: :func:`cellseg_deploy.backends.onnxrt.export.export_onnx` (``onnx``),
+:func:`cellseg_deploy.backends.staged.export.export_staged` (``staged``),
+:func:`cellseg_deploy.backends.tensorrt.build.build_engines` (``trt``, after ``export_staged`` when given a checkpoint)
+and :func:`cellseg_deploy.backends.openvino.int8.export_openvino_int8` (``openvino-int8``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from cellseg_deploy.backends.registry import EXPORT_FORMATS
 from cellseg_deploy.cli.common import (
     check_outputs,
     echo_table,
@@ -21,7 +22,6 @@ from cellseg_deploy.cli.common import (
     write_json_result,
 )
 from cellseg_deploy.errors import UserError
-from cellseg_deploy.export import EXPORT_FORMATS
 
 
 def _size_pair(value: str | None) -> tuple[int, int] | None:
@@ -169,7 +169,7 @@ def export_cmd(
     if fmt == "openvino-int8":
         _reject_onnx_only(simplify, static, trace_image)
         _reject_stage_options(fmt, fp16, max_batch, opt_size, profile_json, stage_dir, timing_cache)
-        from cellseg_deploy.export.openvino_int8 import DEFAULT_CALIB_IMAGES, export_openvino_int8
+        from cellseg_deploy.backends.openvino.int8 import DEFAULT_CALIB_IMAGES, export_openvino_int8
 
         result = export_openvino_int8(
             checkpoint, out, calib_data=calib_data, calib_images=calib_images or DEFAULT_CALIB_IMAGES
@@ -180,7 +180,7 @@ def export_cmd(
         )
     elif fmt == "onnx":
         _reject_stage_options(fmt, fp16, max_batch, opt_size, profile_json, stage_dir, timing_cache)
-        from cellseg_deploy.export.onnx_export import export_onnx
+        from cellseg_deploy.backends.onnxrt.export import export_onnx
 
         image = None
         if trace_image is not None:
@@ -193,7 +193,7 @@ def export_cmd(
         _print_onnx(result)
     elif fmt == "staged":
         _reject_onnx_only(simplify, static, trace_image)
-        from cellseg_deploy.export.staged import export_staged
+        from cellseg_deploy.backends.staged.export import export_staged
 
         profile = _stage_profile(checkpoint, max_batch, opt_size, profile_json)
         result = export_staged(
@@ -204,14 +204,14 @@ def export_cmd(
         )
     else:
         _reject_onnx_only(simplify, static, trace_image)
-        from cellseg_deploy.export.tensorrt import build_engines, require_tensorrt
+        from cellseg_deploy.backends.tensorrt.build import build_engines, require_tensorrt
 
         require_tensorrt()  # before any stage export: no GPU or no TensorRT is one line, and nothing is written
         source = checkpoint
         profile = None
         if checkpoint.suffix.lower() in (".pt", ".pth"):
             # Build the engines from fresh stage graphs of this checkpoint.
-            from cellseg_deploy.export.staged import export_staged
+            from cellseg_deploy.backends.staged.export import export_staged
 
             profile = _stage_profile(checkpoint, max_batch, opt_size, profile_json)
             source = stage_dir or out / "stages"
@@ -289,7 +289,7 @@ def _stage_profile(
             )
         import json
 
-        from cellseg_deploy.export.staged import StageProfile
+        from cellseg_deploy.backends.staged.stages import StageProfile
 
         try:
             data = json.loads(profile_json.read_text())
@@ -302,7 +302,7 @@ def _stage_profile(
         raise UserError(
             "--max-batch/--opt-size need the checkpoint's model config: give a checkpoint or --profile-json"
         )
-    from cellseg_deploy.export.staged import StageProfile
+    from cellseg_deploy.backends.staged.stages import StageProfile
     from cellseg_deploy.modeling.checkpoint import load_checkpoint
 
     config = load_checkpoint(checkpoint).model_config

@@ -121,8 +121,8 @@ def scorecard_cmd(
     )
     from cellseg_deploy.bench.runner_bench import parse_engine_specs
     from cellseg_deploy.bench.scorecard import HEADERS, ScorecardRequest, run_scorecard, table_rows
-    from cellseg_deploy.cli.common import format_table
     from cellseg_deploy.errors import CheckFailed
+    from cellseg_deploy.tables import format_table
 
     request = ScorecardRequest(
         checkpoint=checkpoint,

@@ -212,7 +212,7 @@ class EvalResult:
 
     def table(self) -> str:
         """A readable text report: AP, AP50, AP75 and detections per IoU type, then per-class AP50."""
-        from cellseg_deploy.cli.common import format_table
+        from cellseg_deploy.tables import format_table
 
         iou_types = list(self.metrics)
         lines = [

@@ -1,7 +1,7 @@
 """``predict`` and ``eval`` over several processes (``torchrun``): the ranks share the images, rank 0 writes.
 
 ``torchrun --nproc-per-node N -m cellseg_deploy.cli.main predict ...`` starts N processes; each joins the
-process group (:func:`cellseg_deploy.training.distributed.init_distributed`: gloo on the CPU, nccl on CUDA
+process group (:func:`cellseg_deploy.distributed.init_distributed`: gloo on the CPU, nccl on CUDA
 with one GPU per local rank), takes every N-th image of the folder (:func:`my_share`), runs its own runner
 on them, and sends its results to rank 0 (:func:`gather_to_main`). Rank 0 puts them back in the folder's
 order, so the submission zip and the COCO evaluation are the ones a single process makes, byte for byte and
@@ -11,7 +11,7 @@ Failures: an image a rank cannot read or run is skipped and named as in one proc
 0 with the results). A rank that stops (a broken model, ``--strict``) still joins the gather with its
 error, so rank 0 names that rank and its image, writes nothing, and every rank exits non-zero. A rank that
 dies outright is seen by ``torchrun``, which stops the others. Object collectives run on the gloo
-``wait_group`` of :class:`~cellseg_deploy.training.distributed.DistInfo` (also under nccl): results are
+``wait_group`` of :class:`~cellseg_deploy.distributed.DistInfo` (also under nccl): results are
 Python objects on the host, and that group's timeout (``wait_timeout_min``) covers a slow rank.
 
 Progress: each rank adds its finished images to a counter in the process group's store; rank 0's bar reads
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cellseg_deploy.errors import CheckFailed, DataError, UserError
 
 if TYPE_CHECKING:  # torch is imported only by a run that is distributed
-    from cellseg_deploy.training.distributed import DistInfo
+    from cellseg_deploy.distributed import DistInfo
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ def start(device: str, timeout_min: float = 30.0) -> DistInfo:
     ``device`` ``"cpu"`` -> gloo; ``"cuda"``/``"cuda:N"`` -> nccl on ``cuda:LOCAL_RANK``. ``timeout_min`` is
     the group's collective timeout and the wait for the slowest rank's share.
     """
-    from cellseg_deploy.training.distributed import init_distributed
+    from cellseg_deploy.distributed import init_distributed
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     return init_distributed(device_type, timeout_min=timeout_min, wait_timeout_min=timeout_min)
@@ -66,7 +66,7 @@ def start(device: str, timeout_min: float = 30.0) -> DistInfo:
 
 def finish(info: DistInfo) -> None:
     """Leave the process group :func:`start` joined (no-op in a single process)."""
-    from cellseg_deploy.training.distributed import cleanup
+    from cellseg_deploy.distributed import cleanup
 
     cleanup(info)
 

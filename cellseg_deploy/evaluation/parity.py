@@ -63,7 +63,7 @@ from cellseg_deploy.errors import ConfigError, DataError, UserError, naming_mode
 from cellseg_deploy.structures import Instances
 
 if TYPE_CHECKING:
-    from cellseg_deploy.runners.base import Runner
+    from cellseg_deploy.backends.base import Runner
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +596,7 @@ class ParityReport:
 
     def table(self) -> str:
         """A readable report: one row per image and an overall row, the checks, then the verdict."""
-        from cellseg_deploy.cli.common import format_table
+        from cellseg_deploy.tables import format_table
 
         headers = [
             "image",
@@ -1104,12 +1104,12 @@ def run_parity(
     Raises:
         DataError / ModelFileError / CheckpointError / BackendUnavailable: unusable inputs.
     """
+    from cellseg_deploy.backends.registry import get_runner_class
     from cellseg_deploy.data.coco import dataset_to_coco
     from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS, read_image
     from cellseg_deploy.evaluation.pipeline import SEQUENTIAL, run_pipeline
     from cellseg_deploy.evaluation.predict import ImageFailures, finish_image, image_path_of, infer_images
     from cellseg_deploy.postprocess import PostprocessConfig
-    from cellseg_deploy.runners.registry import get_runner_class
 
     t_start = time.perf_counter()
     tol = profile if isinstance(profile, ToleranceProfile) else get_profile(profile)
@@ -1249,7 +1249,7 @@ def runner_pair(
 ) -> Iterator[tuple[Runner, Runner]]:
     """The loaded reference and candidate runners of a parity run (the reference at its default precision,
     the candidate on ``candidate_device`` or ``device``), closed together."""
-    from cellseg_deploy.runners.registry import create_runner
+    from cellseg_deploy.backends.registry import create_runner
 
     with (
         create_runner(reference_engine, reference_model, device=device, threads=threads) as ref_runner,

@@ -35,8 +35,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from cellseg_deploy.backends.base import Runner
 from cellseg_deploy.errors import UserError
-from cellseg_deploy.runners.base import Runner
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741  (an input item)

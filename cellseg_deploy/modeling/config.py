@@ -12,6 +12,7 @@ from typing import Any
 
 from cellseg_deploy import CLASS_NAMES
 from cellseg_deploy.errors import ConfigError
+from cellseg_deploy.modeling.registry import list_architectures
 
 ANCHOR_PRESETS: dict[str, tuple[tuple[int, ...], ...]] = {
     # torchvision's default for ResNet50-FPN: one size per pyramid level (strides 4, 8, 16, 32, 64).
@@ -138,8 +139,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Check value ranges; raises :class:`ConfigError` naming the field."""
-        from cellseg_deploy.modeling.registry import list_architectures
-
         if self.arch not in list_architectures():
             raise ConfigError(
                 f"model.arch: unknown architecture {self.arch!r}; expected one of {list_architectures()}"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from cellseg_deploy.modeling.config import ModelConfig
+if TYPE_CHECKING:  # the builders only read a config's fields; the config module imports this one
+    from cellseg_deploy.modeling.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cellseg_deploy.errors import CheckpointError, ConfigError, DataError, UserError
-from cellseg_deploy.io_utils import atomic_write_text
-from cellseg_deploy.modeling import build_model, load_checkpoint, save_checkpoint
-from cellseg_deploy.modeling.builder import resolve_model_config, starts_trained
-from cellseg_deploy.training.dataset import InstanceDataset, collate, validation_ground_truth
-from cellseg_deploy.training.distributed import (
+from cellseg_deploy.distributed import (
     DistInfo,
     barrier,
     broadcast_floats,
@@ -56,6 +51,11 @@ from cellseg_deploy.training.distributed import (
     wait_for_main,
     wrap_model,
 )
+from cellseg_deploy.errors import CheckpointError, ConfigError, DataError, UserError
+from cellseg_deploy.io_utils import atomic_write_text
+from cellseg_deploy.modeling import build_model, load_checkpoint, save_checkpoint
+from cellseg_deploy.modeling.builder import resolve_model_config, starts_trained
+from cellseg_deploy.training.dataset import InstanceDataset, collate, validation_ground_truth
 from cellseg_deploy.training.recipe import Recipe
 from cellseg_deploy.training.schedule import LRSchedule
 
@@ -121,7 +121,7 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> ``cuda:0`` when available else ``cpu``; ``cuda`` -> ``cuda:0`` (always indexed); a CUDA
     device without CUDA raises BackendUnavailable."""
-    from cellseg_deploy.runners.devices import torch_device
+    from cellseg_deploy.backends.devices import torch_device
 
     if name == "auto":
         return torch_device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +176,7 @@ def _torch_settings(threads: int, deterministic: bool, allow_tf32: bool = False)
 
     TF32 is off unless asked (``train.tf32``): fp32 training and validation compute in fp32 on a GPU too.
     """
-    from cellseg_deploy.runners.devices import tf32
+    from cellseg_deploy.backends.devices import tf32
 
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
@@ -258,7 +258,7 @@ def validate(
 ) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``dataset`` through the shared inference path.
 
-    ``forward_raw`` (fp32, eval mode) -> :func:`~cellseg_deploy.runners.torch_runner.detections_from_torch`
+    ``forward_raw`` (fp32, eval mode) -> :func:`~cellseg_deploy.backends.pytorch.runner.detections_from_torch`
     -> :func:`~cellseg_deploy.postprocess.postprocess` -> :func:`~cellseg_deploy.evaluation.coco_eval.evaluate`.
     Image ``i`` of ``dataset`` is image id ``gt["images"][i]["id"]``.
 
@@ -268,10 +268,10 @@ def validate(
         ``num_detections``, ``val_images``, ``predictions_sha256`` (of the raw detections' bytes, image by
         image: equal hashes mean bit-identical predictions), ``val_seconds``.
     """
+    from cellseg_deploy.backends.pytorch.runner import detections_from_torch
     from cellseg_deploy.evaluation.coco_eval import evaluate, instances_to_results
     from cellseg_deploy.modeling.raw import forward_raw
     from cellseg_deploy.postprocess import PostprocessConfig, postprocess
-    from cellseg_deploy.runners.torch_runner import detections_from_torch
 
     t0 = time.perf_counter()
     inner = getattr(model, "module", model)

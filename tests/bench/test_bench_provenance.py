@@ -22,7 +22,7 @@ def two_exports(
     """``(checkpoint A, A's ONNX export, the ONNX export of another checkpoint B)``."""
     import torch
 
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
     from cellseg_deploy.modeling import ModelConfig, build_model, save_checkpoint
 
     folder = tmp_path_factory.mktemp("provenance")

@@ -80,7 +80,7 @@ def test_exported_file_is_cached_by_checkpoint_hash(random_tiny_checkpoint: Path
 
 
 def test_untrained_model_returns_exactly_k_detections(tmp_path: Path) -> None:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     rng = np.random.default_rng(0)
     for k in (3, 40):

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
+from cellseg_deploy.backends import Runner, registry
+from cellseg_deploy.backends.pytorch.runner import TorchRunner
 from cellseg_deploy.bench.models import resolve_engine_models
 from cellseg_deploy.bench.runner_bench import (
     STAGES,
@@ -20,8 +22,6 @@ from cellseg_deploy.bench.runner_bench import (
 )
 from cellseg_deploy.bench.workload import synthetic_workload
 from cellseg_deploy.errors import ConfigError, UserError
-from cellseg_deploy.runners import Runner, registry
-from cellseg_deploy.runners.torch_runner import TorchRunner
 from cellseg_deploy.structures import Detections
 
 CALLS: list[str] = []

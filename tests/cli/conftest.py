@@ -62,7 +62,7 @@ def write_images(folder: Path, sizes: dict[str, tuple[int, int]], seed: int = 0)
 @pytest.fixture(scope="module")
 def tiny_onnx(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random tiny checkpoint exported to ONNX with dynamic height and width."""
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     export_onnx(random_tiny_checkpoint, out)
@@ -72,7 +72,7 @@ def tiny_onnx(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def static_onnx(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random tiny checkpoint exported for 320 x 416 images only (``--static``)."""
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx-static") / "static.onnx"
     export_onnx(random_tiny_checkpoint, out, dynamic=False)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from cellseg_deploy.backends import create_runner
 from cellseg_deploy.evaluation.predict import ImageFailures, pad_to_aspect, predict_image
-from cellseg_deploy.runners import create_runner
 from tests.cli.conftest import Result, write_images
 
 THIN = {"thin-1x600.tif": (1, 600), "thin-1x3000.tif": (1, 3000)}

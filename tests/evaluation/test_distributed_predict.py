@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from cellseg_deploy.backends import create_runner
 from cellseg_deploy.evaluation import evaluate_model, predict_folder
 from cellseg_deploy.evaluation.pipeline import PipelineSettings
-from cellseg_deploy.runners import create_runner
 
 pytestmark = pytest.mark.slow
 

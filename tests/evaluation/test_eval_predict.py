@@ -20,6 +20,7 @@ import pytest
 import tifffile
 from pycocotools.coco import COCO
 
+from cellseg_deploy.backends import create_runner
 from cellseg_deploy.errors import DataError, UserError
 from cellseg_deploy.evaluation import (
     evaluate,
@@ -32,7 +33,6 @@ from cellseg_deploy.evaluation import (
     run_dataset,
 )
 from cellseg_deploy.evaluation.predict import EVAL_POSTPROCESS, model_detection_cap
-from cellseg_deploy.runners import create_runner
 
 SIZES = {"tiny-33x35": (33, 35, 3), "large-1900x2500": (1900, 2500, 200)}  # H, W, cells
 

@@ -94,8 +94,8 @@ def test_parity_cli_draws_overlays(
     trained_tiny: tuple[Path, Path], random_tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     """``parity --overlays``: a candidate that is another (random) model misses the reference's cells."""
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
     from cellseg_deploy.cli.main import main
-    from cellseg_deploy.export.onnx_export import export_onnx
 
     checkpoint, data_root = trained_tiny
     other = export_onnx(random_tiny_checkpoint, tmp_path / "other.onnx").path

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cellseg_deploy.backends import create_runner
 from cellseg_deploy.data.io import write_image_tif
 from cellseg_deploy.errors import DataError, UserError
 from cellseg_deploy.evaluation.pipeline import (
@@ -21,7 +22,6 @@ from cellseg_deploy.evaluation.pipeline import (
     run_pipeline,
 )
 from cellseg_deploy.evaluation.predict import EVAL_POSTPROCESS, ImageFailures, predict_folder, predict_image
-from cellseg_deploy.runners import create_runner
 
 
 class _Alive:
@@ -146,8 +146,8 @@ def test_settings_refuse_nonsense() -> None:
 @pytest.fixture(scope="module")
 def busy_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny model that returns 40 detections per image (score threshold 0), as ONNX."""
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
     from cellseg_deploy.bench.models import build_untrained_checkpoint
-    from cellseg_deploy.export.onnx_export import export_onnx
 
     folder = tmp_path_factory.mktemp("busy")
     ckpt = build_untrained_checkpoint(folder / "tiny-det40.pt", "tiny", 40, min_size=192, seed=0)
@@ -280,8 +280,8 @@ def test_pipelined_parity_compares_the_same(
     trained_tiny: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """run_parity's dataset loop through the pipeline: the same comparison, figure for figure."""
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
     from cellseg_deploy.evaluation.parity import run_parity
-    from cellseg_deploy.export.onnx_export import export_onnx
 
     checkpoint, data_root = trained_tiny
     onnx = tmp_path_factory.mktemp("parity") / "tiny.onnx"

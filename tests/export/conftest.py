@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from export_helpers import fixed_export_time, grey_image
 
-from cellseg_deploy.export.onnx_export import ExportResult
+from cellseg_deploy.backends.onnxrt.export import ExportResult
 
 
 @pytest.fixture(scope="session")
 def cell_images() -> dict[str, np.ndarray]:
     """The images the hard-case tests run (name -> RGB uint8)."""
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
 
     return {
         "tiny 33x35": synthetic_cell_image(33, 35, seed=3, n_cells=3),
@@ -38,7 +38,7 @@ def dense_checkpoint(tmp_path_factory: pytest.TempPathFactory, cell_images: dict
     """Random tiny checkpoint: 200 detections per image at most, grey images give none (see module doc)."""
     import torch
 
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
     from cellseg_deploy.modeling import ModelConfig, RawMaskRCNN, build_model, save_checkpoint
 
     torch.manual_seed(1)
@@ -62,7 +62,7 @@ def dense_checkpoint(tmp_path_factory: pytest.TempPathFactory, cell_images: dict
 @pytest.fixture(scope="session")
 def dense_export(dense_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     """:class:`ExportResult` of ``dense_checkpoint`` (export time fixed by ``SOURCE_DATE_EPOCH``)."""
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     with fixed_export_time():
         return export_onnx(dense_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny-dense.onnx")

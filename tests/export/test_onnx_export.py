@@ -12,12 +12,12 @@ import onnx
 import pytest
 from export_helpers import fixed_export_time, grey_image
 
+from cellseg_deploy.backends import Runner, create_runner
+from cellseg_deploy.backends.metadata import graph_sha256, read_onnx_metadata
+from cellseg_deploy.backends.onnxrt.export import ExportResult, compare_raw_outputs, export_onnx
 from cellseg_deploy.errors import CheckpointError, UserError
-from cellseg_deploy.export.metadata import graph_sha256, read_onnx_metadata
-from cellseg_deploy.export.onnx_export import ExportResult, compare_raw_outputs, export_onnx
 from cellseg_deploy.io_utils import sha256_file
 from cellseg_deploy.postprocess import postprocess
-from cellseg_deploy.runners import Runner, create_runner
 from cellseg_deploy.structures import Detections
 
 pytestmark = pytest.mark.slow
@@ -145,8 +145,8 @@ def test_image_without_detections(runners: tuple[Runner, Runner]) -> None:
 def test_grayscale_tiff_read_as_three_channels(runners: tuple[Runner, Runner], tmp_path: Path) -> None:
     import tifffile
 
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
     from cellseg_deploy.data.io import read_image
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
 
     gray = synthetic_cell_image(200, 260, seed=9, n_cells=25)[..., 1]
     path = tmp_path / "gray.tif"

@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from cellseg_deploy.backends import create_runner, list_runners
+from cellseg_deploy.backends.onnxrt.export import ExportResult
+from cellseg_deploy.backends.onnxrt.runner import OrtRunner
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
-from cellseg_deploy.export.onnx_export import ExportResult
-from cellseg_deploy.runners import create_runner, list_runners
-from cellseg_deploy.runners.ort_runner import OrtRunner
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def test_cuda_without_a_gpu_is_an_error_not_a_silent_cpu_fallback(dense_export: 
 
 @pytest.mark.gpu
 def test_cuda_provider_matches_cpu(dense_export: ExportResult, cell_images: dict[str, np.ndarray]) -> None:
-    from cellseg_deploy.export.onnx_export import compare_raw_outputs
+    from cellseg_deploy.backends.onnxrt.export import compare_raw_outputs
 
     image = cell_images["dense 512x512, 700 cells"]
     with (
@@ -158,7 +158,7 @@ def recording_session(*args, **kwargs):  # the real session, with what was loade
 ort.preload_dlls = recording_preload
 ort.InferenceSession = recording_session
 from cellseg_deploy.errors import BackendUnavailable
-from cellseg_deploy.runners import create_runner
+from cellseg_deploy.backends import create_runner
 
 result = {"outcome": "loaded"}
 try:

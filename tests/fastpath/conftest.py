@@ -18,7 +18,7 @@ from fastpath_helpers import grey_image
 @pytest.fixture(scope="session")
 def fast_cell_images() -> dict[str, np.ndarray]:
     """Cell images the runner tests use: non-square, odd sizes, one dense."""
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
 
     return {
         "cells 200x264": synthetic_cell_image(200, 264, seed=11, n_cells=40),
@@ -34,7 +34,7 @@ def fast_checkpoint(
     """Random ``tiny`` checkpoint (input 256 px, at most 150 detections), grey images give none."""
     import torch
 
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
     from cellseg_deploy.modeling import ModelConfig, RawMaskRCNN, build_model, save_checkpoint
 
     torch.manual_seed(2)
@@ -57,7 +57,7 @@ def fast_checkpoint(
 @pytest.fixture(scope="session")
 def fast_onnx(fast_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's single-graph ONNX export of :func:`fast_checkpoint`."""
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     out = tmp_path_factory.mktemp("fastpath-onnx") / "tiny-random.onnx"
     export_onnx(fast_checkpoint, out)

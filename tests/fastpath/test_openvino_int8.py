@@ -24,7 +24,7 @@ ov = pytest.importorskip(
 
 
 def _int8_capable() -> bool:
-    from cellseg_deploy.runners.openvino_runner import cpu_capabilities
+    from cellseg_deploy.backends.openvino.runner import cpu_capabilities
 
     return "INT8" in cpu_capabilities()["capabilities"]
 
@@ -41,7 +41,7 @@ def trained_int8(trained_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def test_export_writes_a_quantised_ir_atomically(trained_int8: Path) -> None:
-    from cellseg_deploy.export.openvino_int8 import read_quantisation
+    from cellseg_deploy.backends.openvino.ir import read_quantisation
 
     assert trained_int8.is_file() and trained_int8.with_suffix(".bin").is_file()
     leftovers = [p.name for p in trained_int8.parent.iterdir() if p.name.startswith(".")]
@@ -97,7 +97,7 @@ def test_int8_passes_parity_and_the_ap50_gate(trained_tiny, trained_int8: Path, 
 
 @pytest.mark.skipif("not _int8_capable()", reason="OpenVINO reports no int8 support on this CPU")
 def test_precision_and_model_must_match(trained_tiny, trained_int8: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     checkpoint, _ = trained_tiny
     onnx_path = tmp_path / "model.onnx"
@@ -109,8 +109,8 @@ def test_precision_and_model_must_match(trained_tiny, trained_int8: Path, tmp_pa
 
 
 def test_calibration_images_come_from_the_training_split(trained_tiny) -> None:  # type: ignore[no-untyped-def]
+    from cellseg_deploy.backends.openvino.int8 import calibration_images
     from cellseg_deploy.data.layout import list_train_ids, split_train_val
-    from cellseg_deploy.export.openvino_int8 import calibration_images
 
     _, data = trained_tiny
     train_ids, val_ids = split_train_val(list_train_ids(data))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from fastpath_helpers import grey_image
 
+from cellseg_deploy.backends import create_runner, get_runner_class, list_runners
 from cellseg_deploy.errors import ModelFileError, UserError
-from cellseg_deploy.runners import create_runner, get_runner_class, list_runners
 
 ov = pytest.importorskip(
     "openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'"
@@ -25,7 +25,7 @@ def _raw(det: object) -> list[np.ndarray]:
 
 
 def _has_bf16() -> bool:
-    from cellseg_deploy.runners.openvino_runner import cpu_capabilities
+    from cellseg_deploy.backends.openvino.runner import cpu_capabilities
 
     return "BF16" in cpu_capabilities()["capabilities"]
 
@@ -40,7 +40,7 @@ def test_registered_and_lazy() -> None:
 def test_fp32_matches_pytorch_and_reports_f32(
     fast_checkpoint: Path, fast_onnx: Path, fast_cell_images: dict[str, np.ndarray]
 ) -> None:
-    from cellseg_deploy.export.onnx_export import compare_raw_outputs
+    from cellseg_deploy.backends.onnxrt.export import compare_raw_outputs
 
     with (
         create_runner("torch", fast_checkpoint, threads=1) as ref,
@@ -96,7 +96,7 @@ def test_bf16_keeps_the_roialign_coordinates_fp32(fast_onnx: Path) -> None:
     """Without the repair OpenVINO rounds the RoI boxes to bf16 before RoIAlign (4 px steps beyond 512 px)."""
     if not _has_bf16():
         pytest.skip("this CPU has no bf16: OpenVINO runs fp32 throughout")
-    from cellseg_deploy.runners.openvino_runner import OUTPUT_NAMES
+    from cellseg_deploy.backends.openvino.runner import OUTPUT_NAMES
 
     def precision(node: object) -> str:
         return node.get_rt_info()["runtimePrecision"].astype(str)  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision.ops.poolers as poolers
 
-from cellseg_deploy.export.roi_merge import gather_level_merge, merge_levels_by_gather
+from cellseg_deploy.backends.onnxrt.roi_merge import gather_level_merge, merge_levels_by_gather
 
 
 @pytest.mark.parametrize("counts", [(5, 0, 3, 1), (0, 0, 0, 4), (2, 2, 2, 2), (0, 0, 0, 0)])
@@ -48,8 +48,8 @@ def test_export_with_gather_merge_gives_identical_outputs(
     import onnx
     import onnxruntime as ort
 
-    import cellseg_deploy.export.roi_merge as roi_merge
-    from cellseg_deploy.export.onnx_export import export_onnx
+    import cellseg_deploy.backends.onnxrt.roi_merge as roi_merge
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     plain = tmp_path / "scatter.onnx"
     with monkeypatch.context() as m:

@@ -26,14 +26,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
 
     return synthetic_cell_image(300, 400, seed=1, n_cells=50)
 
 
 @pytest.fixture(scope="module")
 def onnx_file(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     return export_onnx(random_tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny.onnx").path
 
@@ -43,8 +43,8 @@ def _raw(det: Any) -> list[np.ndarray]:
 
 
 def test_onnx_runner_runs_on_the_cuda_provider_in_fp32(onnx_file: Path, image: np.ndarray) -> None:
-    from cellseg_deploy.export.onnx_export import compare_raw_outputs
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
+    from cellseg_deploy.backends.onnxrt.export import compare_raw_outputs
 
     with create_runner("onnx", onnx_file, device="cuda") as gpu, create_runner("onnx", onnx_file) as cpu:
         info = gpu.info()
@@ -59,7 +59,7 @@ def test_onnx_runner_runs_on_the_cuda_provider_in_fp32(onnx_file: Path, image: n
 
 
 def test_onnx_runner_with_tf32_asked_for(onnx_file: Path) -> None:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner("onnx", onnx_file, device="cuda", options={"tf32": "true"}) as gpu:
         assert gpu.info()["provider_options"]["use_tf32"] == "1"
@@ -98,7 +98,7 @@ def test_torch_runner_fp32_on_cuda_computes_without_tf32(
 ) -> None:
     import torch
 
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner("torch", random_tiny_checkpoint, device="cuda") as runner:
         assert runner.device == "cuda:0"
@@ -113,7 +113,7 @@ def test_torch_runner_fp32_on_cuda_computes_without_tf32(
 def test_torch_runner_fp16_on_cuda(random_tiny_checkpoint: Path, image: np.ndarray) -> None:
     import torch
 
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with (
         create_runner("torch", random_tiny_checkpoint, device="cuda", precision="fp16") as half,
@@ -130,8 +130,8 @@ def test_torch_runner_fp16_on_cuda(random_tiny_checkpoint: Path, image: np.ndarr
 
 
 def test_staged_torch_fp16_on_cuda(random_tiny_checkpoint: Path, image: np.ndarray, tmp_path: Path) -> None:
-    from cellseg_deploy.export.staged import export_staged
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
+    from cellseg_deploy.backends.staged.export import export_staged
 
     stages = tmp_path / "stages"
     export_staged(random_tiny_checkpoint, stages)
@@ -148,8 +148,8 @@ def test_staged_torch_fp16_on_cuda(random_tiny_checkpoint: Path, image: np.ndarr
 def test_cuda_event_timer_times_the_runners_gpu(random_tiny_checkpoint: Path, image: np.ndarray) -> None:
     import torch
 
+    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.bench.timing import CudaEventTimer
-    from cellseg_deploy.runners import create_runner
 
     last = torch.cuda.device_count() - 1
     with create_runner("torch", random_tiny_checkpoint, device=f"cuda:{last}") as runner:

@@ -29,8 +29,9 @@ PARITY_SCORE = 0.1  # untrained weights score every class about 0.2
 def trt_stage_dir(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Stage graphs (fp32 + fp16) with a batch-2 profile, and fp32 and fp16 engines in the default places."""
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install 'cellseg-deploy[trt]'")
-    from cellseg_deploy.export.staged import StageProfile, export_staged
-    from cellseg_deploy.export.tensorrt import build_engines
+    from cellseg_deploy.backends.staged.export import export_staged
+    from cellseg_deploy.backends.staged.stages import StageProfile
+    from cellseg_deploy.backends.tensorrt.build import build_engines
     from cellseg_deploy.modeling import load_checkpoint
 
     config = load_checkpoint(random_tiny_checkpoint).model_config
@@ -43,7 +44,7 @@ def trt_stage_dir(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="module")
 def gpu_images() -> dict[int, np.ndarray]:
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
 
     return {
         1: synthetic_cell_image(300, 400, seed=1, n_cells=50),
@@ -56,7 +57,7 @@ def gpu_images() -> dict[int, np.ndarray]:
 def torch_cuda_predictions(
     random_tiny_checkpoint: Path, gpu_images: dict[int, np.ndarray]
 ) -> dict[int, Instances]:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner("torch", random_tiny_checkpoint, device="cuda") as runner:
         return {i: runner.predict(im) for i, im in gpu_images.items()}
@@ -65,7 +66,7 @@ def torch_cuda_predictions(
 def predictions(
     engine: str, path: Path, precision: str, images: dict[int, np.ndarray], **options
 ) -> dict[int, Instances]:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner(engine, path, device="cuda", precision=precision, options=options) as runner:
         return {i: runner.predict(im) for i, im in images.items()}
@@ -75,7 +76,7 @@ def test_engines_and_manifest(trt_stage_dir: Path) -> None:
     import tensorrt as trt
     import torch
 
-    from cellseg_deploy.export.tensorrt import load_engine_set
+    from cellseg_deploy.backends.tensorrt.build import load_engine_set
 
     for precision in ("fp32", "fp16"):
         engines = load_engine_set(trt_stage_dir / "engines" / precision)
@@ -108,7 +109,7 @@ def test_engine_parity_with_pytorch(
 
 
 def test_cuda_graphs_give_the_same_detections(trt_stage_dir: Path, gpu_images: dict[int, np.ndarray]) -> None:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner("trt", trt_stage_dir, device="cuda", precision="fp16") as plain:
         ref = [plain.infer(im) for im in gpu_images.values()]
@@ -124,7 +125,7 @@ def test_cuda_graphs_give_the_same_detections(trt_stage_dir: Path, gpu_images: d
 
 
 def test_batch_of_two_on_engines(trt_stage_dir: Path, gpu_images: dict[int, np.ndarray]) -> None:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     images = [gpu_images[1], gpu_images[3]]
     with create_runner(
@@ -136,7 +137,7 @@ def test_batch_of_two_on_engines(trt_stage_dir: Path, gpu_images: dict[int, np.n
 
 
 def test_engines_reload_without_rebuilding(trt_stage_dir: Path, gpu_images: dict[int, np.ndarray]) -> None:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     engine = trt_stage_dir / "engines" / "fp16" / "backbone_rpn.fp16.engine"
     before = engine.stat().st_mtime_ns
@@ -152,7 +153,7 @@ def test_engines_reload_without_rebuilding(trt_stage_dir: Path, gpu_images: dict
 def test_engines_from_another_trt_version_are_refused_or_rebuilt(trt_stage_dir: Path, tmp_path: Path) -> None:
     import tensorrt as trt
 
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     copy = tmp_path / "stages"
     shutil.copytree(trt_stage_dir, copy)
@@ -173,8 +174,8 @@ def test_engines_from_another_trt_version_are_refused_or_rebuilt(trt_stage_dir: 
 def test_staged_onnx_on_the_cuda_provider(
     trt_stage_dir: Path, gpu_images: dict[int, np.ndarray], torch_cuda_predictions: dict[int, Instances]
 ) -> None:
+    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.evaluation.parity import compare_runs, get_profile
-    from cellseg_deploy.runners import create_runner
 
     with create_runner("staged-onnx", trt_stage_dir, device="cuda", precision="fp16") as runner:
         info = runner.info()
@@ -189,7 +190,7 @@ def test_staged_onnx_on_the_cuda_provider(
 
 
 def test_staged_torch_fp32_on_cuda_runs_without_tf32(trt_stage_dir: Path, gpu_images) -> None:
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner("staged-torch", trt_stage_dir, device="cuda", precision="fp32") as runner:
         runner.infer(gpu_images[1])
@@ -206,7 +207,7 @@ def test_trt_host_syncs_are_counted_and_fewer_than_torchs_real_ones(
 
     import torch
 
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner("trt", trt_stage_dir, device="cuda", precision="fp16") as runner:
         runner.infer(gpu_images[2])

@@ -18,7 +18,7 @@ from parity_helpers import ParityModel, scale_mask_logits
 
 def cached_export(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, name: str) -> Path:
     """The ONNX export of ``checkpoint``, made once per session under pytest's base temporary folder."""
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     out = tmp_path_factory.getbasetemp() / "onnx-cache" / f"{name}.onnx"
     if not out.exists():

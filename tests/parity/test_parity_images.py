@@ -16,10 +16,10 @@ from cellseg_deploy.cli.main import main
 def static_candidate(random_tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path, Path, int]:
     """A synthetic set of images of several sizes and an ONNX export fixed to the first image's size (the
     others are refused by the runner): ``(data root, static export, images of another size)``."""
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
     from cellseg_deploy.data.io import read_image
     from cellseg_deploy.data.layout import list_train_ids
     from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
-    from cellseg_deploy.export.onnx_export import export_onnx
 
     root = tmp_path / "data"
     make_synthetic_dataset(

@@ -126,10 +126,10 @@ def test_tolerance_overrides_from_the_cli(
 def _overlaps_and_empty_masks(checkpoint: Path, data_root: Path, score_thresh: float) -> tuple[int, int]:
     """Same-class pairs of the reference's instances (``>= score_thresh``) whose masks overlap, and empty
     masks among them, over the whole training folder."""
+    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.data.rle import rle_area, rle_iou
     from cellseg_deploy.evaluation.predict import run_dataset
     from cellseg_deploy.postprocess import PostprocessConfig
-    from cellseg_deploy.runners import create_runner
 
     with create_runner("torch", checkpoint) as runner:
         _, preds = run_dataset(

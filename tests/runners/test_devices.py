@@ -1,12 +1,11 @@
-"""Device names and the TF32 switch (cellseg_deploy.runners.devices), on the CPU."""
+"""Device names and the TF32 switch (cellseg_deploy.backends.devices), on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cellseg_deploy.errors import ConfigError
-from cellseg_deploy.runners.devices import (
+from cellseg_deploy.backends.devices import (
     device_name,
     parse_device,
     restore_tf32,
@@ -15,6 +14,7 @@ from cellseg_deploy.runners.devices import (
     tf32_state,
     torch_device,
 )
+from cellseg_deploy.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_parse_device_does_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys; from cellseg_deploy.runners.devices import device_name; "
+        "import sys; from cellseg_deploy.backends.devices import device_name; "
         "assert device_name('cuda') == 'cuda:0'; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from cellseg_deploy.backends import create_runner
+from cellseg_deploy.backends.devices import restore_tf32, set_tf32
 from cellseg_deploy.errors import UserError
-from cellseg_deploy.runners import create_runner
-from cellseg_deploy.runners.devices import restore_tf32, set_tf32
 
 
 def test_device_is_indexed_before_loading(random_tiny_checkpoint: Path) -> None:

@@ -14,7 +14,7 @@ from cellseg_deploy.structures import Instances
 @pytest.fixture(scope="session")
 def stage_dir(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """FP32 and FP16 stage graphs of the random tiny checkpoint (with the exporter's finite check)."""
-    from cellseg_deploy.export.staged import export_staged
+    from cellseg_deploy.backends.staged.export import export_staged
 
     out = tmp_path_factory.mktemp("stages")
     export_staged(random_tiny_checkpoint, out, fp16=True)
@@ -24,7 +24,7 @@ def stage_dir(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def cell_images() -> dict[int, np.ndarray]:
     """Synthetic cell images of three shapes: non-square, square, tall and inverted (dark cells)."""
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
 
     return {
         1: synthetic_cell_image(300, 400, seed=1, n_cells=50),
@@ -38,7 +38,7 @@ def torch_predictions(
     random_tiny_checkpoint: Path, cell_images: dict[int, np.ndarray]
 ) -> dict[int, Instances]:
     """The PyTorch reference's instances (every detection kept) on :func:`cell_images`."""
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
 
     with create_runner("torch", random_tiny_checkpoint) as runner:
         return {i: runner.predict(im) for i, im in cell_images.items()}

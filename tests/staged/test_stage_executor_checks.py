@@ -9,17 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellseg_deploy.errors import BackendUnavailable, ModelFileError
-from cellseg_deploy.export.staged import load_stage_folder
-from cellseg_deploy.runners.stage_executors import (
-    OrtExecutor,
+from cellseg_deploy.backends.staged.executors import OrtExecutor, ort_providers
+from cellseg_deploy.backends.staged.runner import AnchorCache, SyncCounter, op_synchronises, roi_chunks
+from cellseg_deploy.backends.staged.stages import load_stage_folder
+from cellseg_deploy.backends.tensorrt.executor import (
     graph_key,
     is_aligned,
-    ort_providers,
     plan_device_memory,
     trt_torch_dtype,
 )
-from cellseg_deploy.runners.staged_runner import AnchorCache, SyncCounter, op_synchronises, roi_chunks
+from cellseg_deploy.errors import BackendUnavailable, ModelFileError
 
 
 def test_staged_onnx_on_cuda_asks_for_fp32_and_refuses_a_cpu_fallback(stage_dir: Path, monkeypatch) -> None:
@@ -62,8 +61,8 @@ def test_tf32_is_an_explicit_opt_in_for_the_cuda_provider() -> None:
 def test_staged_torch_turns_tf32_off_for_fp32_stages_on_a_gpu() -> None:
     """Issue 21, point 3: the switch is set where the executor is made (before the modules move to the
     GPU, which fails on this CPU-only machine after it)."""
-    from cellseg_deploy.runners.devices import restore_tf32, set_tf32, tf32_state
-    from cellseg_deploy.runners.stage_executors import TorchExecutor
+    from cellseg_deploy.backends.devices import restore_tf32, set_tf32, tf32_state
+    from cellseg_deploy.backends.staged.executors import TorchExecutor
 
     previous = set_tf32(True)
     try:
@@ -97,8 +96,8 @@ def test_device_memory_api_per_version(trt_double, stage_dir: Path, tmp_path: Pa
     """10.0 has only ``device_memory_size`` and the ``device_memory`` property; 11 only the v2 names."""
     import shutil
 
-    from cellseg_deploy.export.tensorrt import build_engines, load_engine_set
-    from cellseg_deploy.runners.stage_executors import TrtExecutor, engine_memory_bytes
+    from cellseg_deploy.backends.tensorrt.build import build_engines, load_engine_set
+    from cellseg_deploy.backends.tensorrt.executor import TrtExecutor, engine_memory_bytes
 
     shutil.copytree(stage_dir, tmp_path / "s")
     trt = trt_double(version).trt
@@ -121,8 +120,8 @@ def test_roi_chunks() -> None:
 def test_anchor_cache_gives_torchvision_anchors_once_per_padded_size() -> None:
     from torchvision.models.detection.image_list import ImageList
 
+    from cellseg_deploy.backends.staged.runner import build_host_model
     from cellseg_deploy.modeling import ModelConfig
-    from cellseg_deploy.runners.staged_runner import build_host_model
 
     generator = build_host_model(ModelConfig(arch="tiny")).rpn.anchor_generator
     cache = AnchorCache(generator, max_entries=1)
@@ -157,8 +156,8 @@ def test_sync_counter_counts_the_calls_that_wait_for_a_gpu() -> None:
 def test_pool_rois_equals_torchvision_with_one_sync_per_pooling(threads: int) -> None:
     from collections import OrderedDict
 
+    from cellseg_deploy.backends.staged.runner import RoiWorkers, build_host_model, pool_rois
     from cellseg_deploy.modeling import ModelConfig
-    from cellseg_deploy.runners.staged_runner import RoiWorkers, build_host_model, pool_rois
 
     host = build_host_model(ModelConfig(arch="tiny"))
     gen = torch.Generator().manual_seed(0)
@@ -184,7 +183,7 @@ def test_pool_rois_equals_torchvision_with_one_sync_per_pooling(threads: int) ->
 
 
 def test_roi_workers_parts_cover_the_range_in_order() -> None:
-    from cellseg_deploy.runners.staged_runner import RoiWorkers
+    from cellseg_deploy.backends.staged.runner import RoiWorkers
 
     workers = RoiWorkers(3)
     assert workers.parts(5, 5) == []
@@ -205,8 +204,8 @@ def test_pool_rois_runs_one_part_per_thread_and_matches_one_level_pooling(
 
     import torchvision.ops
 
+    from cellseg_deploy.backends.staged.runner import RoiWorkers, build_host_model, pool_rois
     from cellseg_deploy.modeling import ModelConfig
-    from cellseg_deploy.runners.staged_runner import RoiWorkers, build_host_model, pool_rois
 
     host = build_host_model(ModelConfig(arch="tiny"))
     pooler = host.roi_heads.box_roi_pool

@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from cellseg_deploy.errors import ModelFileError
-from cellseg_deploy.export.staged import (
+from cellseg_deploy.backends.staged.stages import (
     STAGES,
     build_stage_modules,
     fold_batchnorm,
     load_stage_folder,
     stage_file,
 )
+from cellseg_deploy.errors import ModelFileError
 from cellseg_deploy.io_utils import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -146,8 +146,8 @@ def test_not_a_stage_folder(tmp_path: Path) -> None:
 def test_export_fails_when_fp16_overflows(tmp_path: Path) -> None:
     """Mask-logit weights scaled by 1e4 push the logits past FP16's 65504: the export's finite check on the
     largest profile image catches it (FP32 would be fine), and says which stage."""
+    from cellseg_deploy.backends.staged.export import export_staged
     from cellseg_deploy.errors import CheckFailed
-    from cellseg_deploy.export.staged import export_staged
     from cellseg_deploy.modeling import ModelConfig, build_model, save_checkpoint
 
     torch.manual_seed(0)
@@ -163,7 +163,7 @@ def test_export_fails_when_fp16_overflows(tmp_path: Path) -> None:
 
 
 def test_staged_torch_needs_the_exact_source_checkpoint(stage_dir: Path, tmp_path: Path) -> None:
-    from cellseg_deploy.runners.staged_runner import load_stage_checkpoint
+    from cellseg_deploy.backends.staged.runner import load_stage_checkpoint
 
     folder = load_stage_folder(stage_dir)
     assert load_stage_checkpoint(folder).model_config.arch == "tiny"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
+from cellseg_deploy.backends.staged.stages import StageProfile
 from cellseg_deploy.errors import ConfigError
-from cellseg_deploy.export.staged import StageProfile
 from cellseg_deploy.modeling import ModelConfig
 
 TINY = ModelConfig(arch="tiny", min_size=256, max_size=512)
@@ -85,7 +85,7 @@ def test_round_trip_and_unknown_keys() -> None:
 def test_default_profile_covers_every_size_the_transform_produces() -> None:
     """Sizes from 33 to 2500 px per side (the data's range), elongated both ways: the padded batch the host
     transform makes always lies inside the default profile."""
-    from cellseg_deploy.runners.staged_runner import build_host_model
+    from cellseg_deploy.backends.staged.runner import build_host_model
 
     transform: Any = build_host_model(TINY).transform
     profile = StageProfile.for_model(TINY)

@@ -10,17 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from cellseg_deploy.backends import create_runner
+from cellseg_deploy.backends.staged.executors import OrtExecutor
+from cellseg_deploy.backends.staged.export import check_stages_finite
+from cellseg_deploy.backends.staged.runner import STAGES, TIMING_KEYS, StagedPipeline
+from cellseg_deploy.backends.staged.stages import StageProfile, load_stage_folder
 from cellseg_deploy.errors import UserError
 from cellseg_deploy.evaluation.parity import compare_runs, get_profile
-from cellseg_deploy.export.staged import StageProfile, load_stage_folder
-from cellseg_deploy.runners import create_runner
-from cellseg_deploy.runners.stage_executors import OrtExecutor
-from cellseg_deploy.runners.staged_runner import (
-    MODEL_STAGES,
-    TIMING_KEYS,
-    StagedPipeline,
-    check_stages_finite,
-)
 from cellseg_deploy.structures import Instances
 
 pytestmark = pytest.mark.slow
@@ -68,7 +64,7 @@ def test_timings_per_stage(stage_dir: Path, cell_images: dict[int, np.ndarray]) 
         info = runner.info()
     assert set(TIMING_KEYS) <= set(det.timings)
     assert all(v >= 0 for v in det.timings.values())
-    assert det.timings["network"] == pytest.approx(sum(det.timings[s] for s in MODEL_STAGES))
+    assert det.timings["network"] == pytest.approx(sum(det.timings[s] for s in STAGES))
     assert info["executor"] == "onnxruntime" and info["providers"]["backbone_rpn"] == "CPUExecutionProvider"
     assert det.boxes.dtype == np.float32 and det.mask_probs.shape[1:] == (28, 28)
     h, w = cell_images[1].shape[:2]
@@ -137,7 +133,7 @@ def test_fp16_stage_outputs_are_finite_on_the_largest_profile_image(stage_dir: P
     report = check_stages_finite(stage_dir, "fp16")
     assert report["image"] == [512, 512]
     assert report["finite"], report
-    assert all(report["max_abs"][s] > 0 for s in MODEL_STAGES)  # every stage really ran
+    assert all(report["max_abs"][s] > 0 for s in STAGES)  # every stage really ran
 
 
 def test_roi_threads_give_the_one_thread_results(stage_dir: Path, cell_images: dict[int, np.ndarray]) -> None:
@@ -172,7 +168,7 @@ def trained_stages(
         checkpoint, data_root = request.getfixturevalue("trained_tiny")
     except pytest.FixtureLookupError:
         pytest.skip("needs the trained_tiny fixture of tests/conftest.py")
-    from cellseg_deploy.export.staged import export_staged
+    from cellseg_deploy.backends.staged.export import export_staged
 
     stages = export_staged(checkpoint, tmp_path_factory.mktemp("trained-stages")).out_dir
     return checkpoint, data_root, stages

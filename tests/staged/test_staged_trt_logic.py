@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellseg_deploy.errors import BackendUnavailable, ConfigError, ModelFileError, UserError
-from cellseg_deploy.export.staged import STAGES, load_stage_folder, stage_file
-from cellseg_deploy.export.tensorrt import (
+from cellseg_deploy.backends.staged.stages import STAGES, load_stage_folder, stage_file
+from cellseg_deploy.backends.tensorrt.build import (
     ENGINES_MANIFEST,
     TrtEnvironment,
     build_engines,
@@ -26,6 +25,7 @@ from cellseg_deploy.export.tensorrt import (
     resolve_engine_manifest,
     trt_unavailable_reason,
 )
+from cellseg_deploy.errors import BackendUnavailable, ConfigError, ModelFileError, UserError
 from cellseg_deploy.io_utils import atomic_write_json, sha256_file
 
 H100 = TrtEnvironment("10.9.0.34", "NVIDIA H100 80GB HBM3", (9, 0), "12.8")
@@ -159,7 +159,7 @@ def test_engine_manifest_records_environment_sources_and_relative_stage_dir(fake
         path = out_dir / f"{stage}.fp16.engine"
         path.write_bytes(b"plan-" + stage.encode())
         engines[stage] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-    from cellseg_deploy.export.staged import StageProfile
+    from cellseg_deploy.backends.staged.stages import StageProfile
 
     plan = build_plan("11.0.0", "fp16")
     manifest = engine_manifest(
@@ -229,7 +229,7 @@ def test_build_engines_raises_the_same_line_before_reading_anything(tmp_path: Pa
 
 @pytestmark_no_trt
 def test_trt_runner_is_unavailable_with_the_same_line(tmp_path: Path) -> None:
-    from cellseg_deploy.runners import create_runner, get_runner_class
+    from cellseg_deploy.backends import create_runner, get_runner_class
 
     assert get_runner_class("trt").unavailable_reason() == trt_unavailable_reason()
     runner = create_runner("trt", tmp_path, device="cuda", precision="fp16")

@@ -1,6 +1,6 @@
 """The TensorRT path's one-line failures and the CUDA calls it makes, on the CPU: an unsupported TensorRT, no
 GPU, a graph TensorRT cannot parse, a failed build, a bad workspace; and which ``torch.cuda`` calls
-:class:`~cellseg_deploy.export.tensorrt.CudaApi` makes for GPU ``N`` (an index, never a bare "cuda")."""
+:class:`~cellseg_deploy.backends.tensorrt.build.CudaApi` makes for GPU ``N`` (an index, never a bare "cuda")."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cellseg_deploy.backends.tensorrt import build as trt_export
 from cellseg_deploy.errors import BackendUnavailable, ConfigError, ModelFileError
-from cellseg_deploy.export import tensorrt as trt_export
 
 
 def test_unsupported_tensorrt_and_missing_gpu_are_one_line(trt_double, monkeypatch) -> None:

@@ -21,8 +21,8 @@ def test_cli_export_trt_then_runner_matches_staged_onnx(
 ) -> None:
     import shutil
 
-    from cellseg_deploy.export.onnx_export import synthetic_cell_image
-    from cellseg_deploy.runners import create_runner
+    from cellseg_deploy.backends import create_runner
+    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
 
     double = trt_double(version)
     out = tmp_path / "trt"
@@ -62,9 +62,9 @@ def test_trt_runner_refuses_engines_of_another_version_then_rebuilds(
 ) -> None:
     import shutil
 
+    from cellseg_deploy.backends import create_runner
+    from cellseg_deploy.backends.tensorrt.build import build_engines
     from cellseg_deploy.errors import ModelFileError
-    from cellseg_deploy.export.tensorrt import build_engines
-    from cellseg_deploy.runners import create_runner
 
     stages = tmp_path / "stages"
     shutil.copytree(stage_dir, stages)

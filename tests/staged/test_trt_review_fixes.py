@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from cellseg_deploy.backends.staged.stages import STAGES
 from cellseg_deploy.errors import BackendUnavailable
-from cellseg_deploy.export.staged import STAGES
 from tests.trt_double import VERSIONS
 from tests.trt_double.tensorrt import read_plan
 
@@ -28,7 +28,7 @@ def stages(stage_dir: Path, tmp_path: Path) -> Path:
 
 
 def engines_of(stages: Path, precision: str) -> dict[str, Path]:
-    from cellseg_deploy.export.tensorrt import load_engine_set
+    from cellseg_deploy.backends.tensorrt.build import load_engine_set
 
     return load_engine_set(stages / "engines" / precision).engine_paths()
 
@@ -36,7 +36,7 @@ def engines_of(stages: Path, precision: str) -> dict[str, Path]:
 def ort_outputs(stages: Path, stage: str, x: torch.Tensor, precision: str = "fp32") -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
-    from cellseg_deploy.export.staged import load_stage_folder
+    from cellseg_deploy.backends.staged.stages import load_stage_folder
 
     session = ort.InferenceSession(
         str(load_stage_folder(stages).graph(stage, precision)), providers=["CPUExecutionProvider"]
@@ -48,8 +48,8 @@ def ort_outputs(stages: Path, stage: str, x: torch.Tensor, precision: str = "fp3
 
 # -- 1. device "cuda" without an index --------------------------------------------------------------------------
 def test_1_trt_executor_accepts_cuda_without_an_index(trt_double, stages: Path) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
-    from cellseg_deploy.runners.stage_executors import TrtExecutor
+    from cellseg_deploy.backends.tensorrt.build import build_engines
+    from cellseg_deploy.backends.tensorrt.executor import TrtExecutor
 
     double = trt_double()
     build_engines(stages, fp16=False)
@@ -62,7 +62,7 @@ def test_1_trt_executor_accepts_cuda_without_an_index(trt_double, stages: Path) 
 def test_2_timing_cache_of_another_trt_version_is_replaced(
     trt_double, stages: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
+    from cellseg_deploy.backends.tensorrt.build import build_engines
 
     trt_double(VERSIONS[1])
     first = build_engines(stages, fp16=False)
@@ -76,7 +76,7 @@ def test_2_timing_cache_of_another_trt_version_is_replaced(
 
 
 def test_2_timing_cache_of_another_gpu_is_replaced(trt_double, stages: Path, caplog) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
+    from cellseg_deploy.backends.tensorrt.build import build_engines
 
     trt_double(VERSIONS[1], capability=(8, 0))
     build_engines(stages, fp16=False)
@@ -94,7 +94,7 @@ def test_3_fp16_engines_are_strongly_typed_from_the_fp16_graphs_on_every_version
 ) -> None:
     import json
 
-    from cellseg_deploy.export.tensorrt import build_engines
+    from cellseg_deploy.backends.tensorrt.build import build_engines
 
     trt_double(version)
     result = build_engines(stages, fp16=True)
@@ -109,8 +109,8 @@ def test_3_fp16_engines_are_strongly_typed_from_the_fp16_graphs_on_every_version
 # -- 4. inputs converted before TensorRT's stream waits ------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["float64", "non-contiguous"])
 def test_4_input_conversions_are_ordered_before_the_engine(trt_double, stages: Path, layout: str) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
-    from cellseg_deploy.runners.stage_executors import TrtExecutor
+    from cellseg_deploy.backends.tensorrt.build import build_engines
+    from cellseg_deploy.backends.tensorrt.executor import TrtExecutor
 
     double = trt_double()
     build_engines(stages, fp16=False)
@@ -126,8 +126,8 @@ def test_4_input_conversions_are_ordered_before_the_engine(trt_double, stages: P
 
 # -- 5. CUDA-graph contexts: shared memory, checked results -------------------------------------------------------
 def test_5_captured_shapes_share_one_scratch_buffer(trt_double, stages: Path) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
-    from cellseg_deploy.runners.stage_executors import TrtExecutor
+    from cellseg_deploy.backends.tensorrt.build import build_engines
+    from cellseg_deploy.backends.tensorrt.executor import TrtExecutor
 
     double = trt_double()
     build_engines(stages, fp16=False)
@@ -148,8 +148,8 @@ def test_5_captured_shapes_share_one_scratch_buffer(trt_double, stages: Path) ->
 def test_5_failed_capture_enqueue_falls_back_to_plain_execution(
     trt_double, stages: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
-    from cellseg_deploy.runners.stage_executors import TrtExecutor
+    from cellseg_deploy.backends.tensorrt.build import build_engines
+    from cellseg_deploy.backends.tensorrt.executor import TrtExecutor
 
     double = trt_double()
     build_engines(stages, fp16=False)
@@ -167,8 +167,8 @@ def test_5_failed_capture_enqueue_falls_back_to_plain_execution(
 def test_5_a_context_tensorrt_cannot_create_is_a_one_line_error(
     trt_double, stages: Path, monkeypatch
 ) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
-    from cellseg_deploy.runners.stage_executors import TrtExecutor
+    from cellseg_deploy.backends.tensorrt.build import build_engines
+    from cellseg_deploy.backends.tensorrt.executor import TrtExecutor
 
     double = trt_double()
     build_engines(stages, fp16=False)
@@ -183,7 +183,7 @@ def test_5_a_context_tensorrt_cannot_create_is_a_one_line_error(
 
 # -- 6. bfloat16 and address alignment -----------------------------------------------------------------------------
 def test_6_bfloat16_engine_tensors_map_to_torch_bfloat16(trt_double) -> None:
-    from cellseg_deploy.runners.stage_executors import trt_torch_dtype
+    from cellseg_deploy.backends.tensorrt.executor import trt_torch_dtype
 
     trt = trt_double().trt
     assert not hasattr(trt, "bf16")  # the binding is trt.bfloat16
@@ -192,8 +192,8 @@ def test_6_bfloat16_engine_tensors_map_to_torch_bfloat16(trt_double) -> None:
 
 
 def test_6_misaligned_roi_chunks_are_copied_to_aligned_memory(trt_double, stages: Path) -> None:
-    from cellseg_deploy.export.tensorrt import build_engines
-    from cellseg_deploy.runners.stage_executors import TrtExecutor
+    from cellseg_deploy.backends.tensorrt.build import build_engines
+    from cellseg_deploy.backends.tensorrt.executor import TrtExecutor
 
     trt_double()
     build_engines(stages, fp16=False)

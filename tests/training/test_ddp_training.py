@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cellseg_deploy.distributed import process_group_options
 from cellseg_deploy.errors import ConfigError
-from cellseg_deploy.training.distributed import process_group_options
 
 
 def test_init_process_group_gets_the_device_and_a_timeout() -> None:
@@ -38,7 +38,7 @@ _WORKER = textwrap.dedent(
     def worker(rank, port, out):
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        from cellseg_deploy.training.distributed import broadcast_floats, init_distributed, wait_for_main
+        from cellseg_deploy.distributed import broadcast_floats, init_distributed, wait_for_main
         info = init_distributed("cpu", timeout_min=2 / 60, wait_timeout_min=2.0)  # collectives: 2 s
         result = {}
         if rank == 0:

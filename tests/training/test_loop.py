@@ -154,8 +154,8 @@ def test_training_validation_ap_is_what_eval_reports(trained_tiny: tuple[Path, P
 
 def test_trained_tiny_detects_cells(trained_tiny: tuple[Path, Path]) -> None:
     """The shared fixture's model is not degenerate: confident detections and a real AP50."""
+    from cellseg_deploy.backends.pytorch.runner import TorchRunner
     from cellseg_deploy.data.io import read_image
-    from cellseg_deploy.runners.torch_runner import TorchRunner
 
     checkpoint, data_root = trained_tiny
     ckpt = load_checkpoint(checkpoint)

@@ -14,9 +14,9 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from cellseg_deploy.distributed import DistInfo, sync_batchnorm
 from cellseg_deploy.modeling import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from cellseg_deploy.modeling.builder import resolve_model_config
-from cellseg_deploy.training.distributed import DistInfo, sync_batchnorm
 
 SMALL_R50 = ModelConfig(arch="r50-fpn", min_size=128, max_size=160)
 

@@ -159,7 +159,7 @@ def test_training_and_validation_run_without_tf32_unless_asked() -> None:
     """Issue 21.3: the run's torch settings turn TF32 off (fp32 training and validation are fp32 on a GPU)."""
     import torch
 
-    from cellseg_deploy.runners.devices import restore_tf32, set_tf32
+    from cellseg_deploy.backends.devices import restore_tf32, set_tf32
     from cellseg_deploy.training.loop import _torch_settings
 
     before = set_tf32(True)  # cuDNN TF32 is torch's own default

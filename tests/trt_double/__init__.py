@@ -1,7 +1,7 @@
 """Test doubles of TensorRT and of the CUDA calls around it (tests only; see ``tensorrt.py`` and ``cuda.py``).
 
 :func:`install` puts both in place for one test: the ``tensorrt`` module double in ``sys.modules``, the
-CUDA stand-in as :data:`cellseg_deploy.export.tensorrt.CUDA_API`, and (for code outside the TensorRT path
+CUDA stand-in as :data:`cellseg_deploy.backends.tensorrt.build.CUDA_API`, and (for code outside the TensorRT path
 that asks ``torch.cuda`` about the device, such as the benchmark's environment and memory probes) a few
 ``torch.cuda`` query functions answering for the fake GPU.
 """
@@ -35,7 +35,7 @@ def install(monkeypatch: pytest.MonkeyPatch, version: str = VERSIONS[1], **cuda_
     """Install the doubles for the rest of the test (undone by ``monkeypatch`` and the tracker's exit)."""
     import torch
 
-    from cellseg_deploy.export import tensorrt as trt_export
+    from cellseg_deploy.backends.tensorrt import build as trt_export
 
     cuda = FakeCuda(**cuda_kwargs)
     module, state = build_module(version, cuda)

@@ -1,4 +1,4 @@
-"""A CPU stand-in for :class:`cellseg_deploy.export.tensorrt.CudaApi`: what the TensorRT path asks of CUDA.
+"""A CPU stand-in for :class:`cellseg_deploy.backends.tensorrt.build.CudaApi`: what the TensorRT path asks of CUDA.
 
 How it stands in for CUDA:
 

@@ -1,6 +1,6 @@
 """OpenVINO runner: the single exported graph on the CPU, in fp32 or bf16 (AMX).
 
-OpenVINO reads the same ``.onnx`` file as the ``onnx`` runner (:mod:`cellseg_deploy.export.onnx_export`:
+OpenVINO reads the same ``.onnx`` file as the ``onnx`` runner (:mod:`cellseg_deploy.backends.onnxrt.export`:
 uint8 ``[H, W, 3]`` image in, pre-processing inside, ``boxes, labels, scores, mask_probs`` out), or an
 OpenVINO IR (``.xml`` beside its ``.bin``) saved from it. The shared post-processing pastes the masks on the
 host.
@@ -15,7 +15,7 @@ OpenVINO runs bf16 unless told otherwise):
   kept fp32 by :func:`keep_roi_coordinates_fp32` (OpenVINO alone would round them to bf16).
 
 - ``int8``: an int8 OpenVINO IR made by ``cellseg-deploy export --format openvino-int8`` (calibrated
-  post-training quantisation, :mod:`cellseg_deploy.export.openvino_int8`): the convolutions and fully
+  post-training quantisation, :mod:`cellseg_deploy.backends.openvino.int8`): the convolutions and fully
   connected layers run on AMX-INT8/VNNI, the rest in bf16 (fp32 on CPUs without bf16); the ``int8``
   tolerance profile. Only such an IR runs at ``int8``, and such an IR runs only at ``int8``.
 
@@ -40,9 +40,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from cellseg_deploy.backends.base import Runner, check_static_size
+from cellseg_deploy.backends.openvino.ir import (
+    keep_roi_coordinates_fp32,
+    read_provenance,
+    repair_empty_branches,
+)
+from cellseg_deploy.backends.registry import register_runner
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
-from cellseg_deploy.runners.base import Runner, check_static_size
-from cellseg_deploy.runners.registry import register_runner
 from cellseg_deploy.structures import Detections
 
 log = logging.getLogger(__name__)
@@ -192,7 +197,7 @@ class OpenVINORunner(Runner):
 
     def _check_quantisation(self, model: Any, capabilities: list[str]) -> str:
         """Match the model to ``--precision`` (int8 IR <-> ``int8``); return the precision hint to compile with."""
-        from cellseg_deploy.export.openvino_int8 import read_quantisation
+        from cellseg_deploy.backends.openvino.ir import read_quantisation
 
         self.quantisation = read_quantisation(model)
         if self.precision != "int8":
@@ -296,73 +301,3 @@ class OpenVINORunner(Runner):
             if key in meta:
                 info[key] = meta[key]
         return info
-
-
-def read_provenance(model: Any) -> dict[str, Any]:
-    """The provenance stored in the ONNX file's ``metadata_props``, which OpenVINO keeps under
-    ``rt_info["framework"]`` (also in an IR saved from the ONNX model); ``{}`` when there is none."""
-    from cellseg_deploy.export.metadata import decode_props
-
-    if not model.has_rt_info(["framework"]):
-        return {}
-    value = model.get_rt_info(["framework"]).astype(dict)
-    return decode_props({str(k): v.astype(str) if hasattr(v, "astype") else str(v) for k, v in value.items()})
-
-
-def repair_empty_branches(model: Any) -> int:
-    """Give back the empty tensors OpenVINO's ONNX reader turns into scalars; returns how many were fixed.
-
-    torchvision's ``batched_nms`` exports as an ``If``: when no box is left it returns a constant empty int64
-    ``[0]`` tensor. OpenVINO (2026.4) reads that zero-size constant as a *scalar*, so on an image with no
-    detection the graph returns one detection made of whatever memory the gathers read (a zero-area box,
-    any label, a leftover score) instead of none. Here every ``If`` branch result that is a rank-0 constant
-    while the other branch returns rank >= 1 is replaced by an empty constant of that rank (``[0, 1, ...]``),
-    in place, before compilation. Graphs without such branches are left untouched.
-    """
-    import openvino.opset13 as ops
-
-    fixed = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "If":
-            continue
-        then_body, else_body = op.get_then_body(), op.get_else_body()
-        for bodies in ((then_body, else_body), (else_body, then_body)):
-            for result, other in zip(bodies[0].get_results(), bodies[1].get_results(), strict=True):
-                source = result.input_value(0).get_node()
-                rank = other.get_output_partial_shape(0).rank
-                if (
-                    source.get_type_name() == "Constant"
-                    and source.get_output_partial_shape(0).rank.get_length() == 0
-                    and rank.is_static
-                    and rank.get_length() >= 1
-                ):
-                    shape = (0,) + (1,) * (rank.get_length() - 1)
-                    empty = ops.constant(np.zeros(shape, dtype=source.get_data().dtype))
-                    result.input(0).replace_source_output(empty.output(0))
-                    fixed += 1
-            bodies[0].validate_nodes_and_infer_types()
-    if fixed:
-        model.validate_nodes_and_infer_types()
-    return fixed
-
-
-def keep_roi_coordinates_fp32(model: Any) -> int:
-    """Keep the box coordinates that RoIAlign samples at in fp32 under a bf16 hint; returns how many RoIAlign
-    inputs were kept.
-
-    OpenVINO's CPU plugin runs every float node in bf16 under ``INFERENCE_PRECISION_HINT=bf16`` except the
-    *tail* of the graph: the nodes found walking back from an output until a convolution, fully connected
-    layer or matrix product (``Graph::EnforceInferencePrecision``). The final boxes are in that tail; the copy
-    of them that ``MultiScaleRoIAlign`` concatenates with the batch index and splits per pyramid level is not
-    (it reaches the outputs only through the mask head's convolutions). So RoIAlign sampled at coordinates
-    rounded to bf16's 8 significant bits: 1 px steps from 128 px, 2 px from 256, 4 px from 512. Measured on a
-    trained R50-FPN, 800 x 800 px with 500 cells: mask disagreement with fp32 grew from 4 % of the 28 x 28
-    mask for cells near the origin to 14 % beyond 512 px, and segm AP fell from 0.496 to 0.423.
-
-    Declaring each RoIAlign's ``rois`` input a model output puts that path in the tail, so it stays fp32 (a
-    ``[R, 4]`` tensor: no measurable cost). The extra outputs are not read. Modifies ``model`` in place.
-    """
-    rois = [op.input_value(1) for op in model.get_ordered_ops() if op.get_type_name() == "ROIAlign"]
-    if rois:
-        model.add_outputs(rois)
-    return len(rois)

@@ -24,9 +24,9 @@ detections of an image come back to the host in one copy.
 
 Registered runners:
 
-- ``staged-onnx``: :class:`~cellseg_deploy.runners.stage_executors.OrtExecutor` (CPU, or CUDA with
+- ``staged-onnx``: :class:`~cellseg_deploy.backends.staged.executors.OrtExecutor` (CPU, or CUDA with
   ``--device cuda``); ``model_path``: the stage folder or its ``manifest.json``.
-- ``trt``: :class:`~cellseg_deploy.runners.stage_executors.TrtExecutor`; ``model_path``: the stage folder
+- ``trt``: :class:`~cellseg_deploy.backends.tensorrt.executor.TrtExecutor`; ``model_path``: the stage folder
   (engines in ``engines/<precision>/``), an engine folder, or its ``engines.json``.
 
 Precision ``fp32`` or ``fp16`` selects the stage graphs (``staged-onnx``) or engines (``trt``). Options:
@@ -53,22 +53,22 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
-from cellseg_deploy.export.staged import (
+from cellseg_deploy.backends.base import Runner
+from cellseg_deploy.backends.registry import register_runner
+from cellseg_deploy.backends.staged.executors import OrtExecutor, StageExecutor
+from cellseg_deploy.backends.staged.stages import (
     STAGE_INPUTS,
+    STAGES,
     StageFolder,
     StageGeometry,
     StageProfile,
     load_stage_folder,
 )
+from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
 from cellseg_deploy.modeling.config import ModelConfig
 from cellseg_deploy.modeling.raw import image_to_tensor
-from cellseg_deploy.runners.base import Runner
-from cellseg_deploy.runners.registry import register_runner
-from cellseg_deploy.runners.stage_executors import OrtExecutor, StageExecutor
 from cellseg_deploy.structures import Detections
 
-MODEL_STAGES: tuple[str, ...] = ("backbone_rpn", "box_head", "mask_head")
 TIMING_KEYS: tuple[str, ...] = (
     "preprocess",
     "backbone_rpn",
@@ -300,7 +300,7 @@ class StagedPipeline:
         host: Any = build_host_model(self.config).to(self.device)
         self.host = host
         self.anchors = AnchorCache(host.rpn.anchor_generator)
-        self.outputs = {s: folder.output_names(s) for s in MODEL_STAGES}
+        self.outputs = {s: folder.output_names(s) for s in STAGES}
         self.syncs_per_image = 0.0
         self.sync_ops: dict[str, int] = {}
         self.count_syncs = True
@@ -461,7 +461,7 @@ class StagedPipeline:
             boxes = resize_boxes(boxes, list(resized), list(original))
             results.append(to_host_detections(boxes, labels, scores, probs, original))
         timings["mask_post"] = time.perf_counter() - t0 + timings.get("mask_post", 0.0)
-        timings["network"] = sum(timings.get(s, 0.0) for s in MODEL_STAGES)
+        timings["network"] = sum(timings.get(s, 0.0) for s in STAGES)
         return results, timings
 
 
@@ -674,7 +674,7 @@ class _StagedRunnerBase(Runner):
 
     def _check_device(self) -> None:
         """Refuse a CUDA device torch cannot see (before any model is read)."""
-        from cellseg_deploy.runners.devices import parse_device
+        from cellseg_deploy.backends.devices import parse_device
 
         if parse_device(self.device)[0] == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(
@@ -781,14 +781,14 @@ def torch_stage_executor(
     checkpoint: Path | None = None,
     tf32: bool = False,
 ) -> StageExecutor:
-    """A :class:`~cellseg_deploy.runners.stage_executors.TorchExecutor` running the stage modules of the
+    """A :class:`~cellseg_deploy.backends.staged.executors.TorchExecutor` running the stage modules of the
     folder's source checkpoint in ``precision`` (what the graphs were traced from); ``tf32`` as there."""
-    from cellseg_deploy.export.staged import build_stage_modules
-    from cellseg_deploy.runners.stage_executors import TorchExecutor
+    from cellseg_deploy.backends.staged.executors import TorchExecutor
+    from cellseg_deploy.backends.staged.stages import build_stage_modules
 
     model = load_stage_checkpoint(folder, checkpoint).build_model()
     modules = build_stage_modules(model, precision)
-    return TorchExecutor(modules, {s: folder.output_names(s) for s in MODEL_STAGES}, device=device, tf32=tf32)
+    return TorchExecutor(modules, {s: folder.output_names(s) for s in STAGES}, device=device, tf32=tf32)
 
 
 @register_runner
@@ -814,81 +814,6 @@ class StagedTorchRunner(_StagedRunnerBase):
         return StagedPipeline(folder, executor)
 
 
-@register_runner
-class TrtRunner(_StagedRunnerBase):
-    """TensorRT engines for the stages on an NVIDIA GPU; host steps FP32 PyTorch on the same GPU.
-
-    ``model_path``: a stage folder (engines in ``engines/<precision>/``), an engine folder or ``engines.json``.
-    Options: ``rebuild`` (build engines that are missing or were built for another TensorRT version or GPU,
-    default false: such engines are refused with a one-line message), ``cuda_graphs`` (default false),
-    ``workspace_gib`` (for rebuilds, default 4), ``max_batch``.
-    """
-
-    name = "trt"
-    description = "TensorRT engines per stage + torchvision FP32 host steps (NVIDIA GPU)"
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        from cellseg_deploy.export.tensorrt import trt_unavailable_reason
-
-        return trt_unavailable_reason()
-
-    def _check_device(self) -> None:
-        """TensorRT and its GPU are checked by :func:`~cellseg_deploy.export.tensorrt.require_tensorrt`."""
-        from cellseg_deploy.export.tensorrt import cuda_index, require_tensorrt
-
-        require_tensorrt()
-        cuda_index(self.device)
-
-    def _make_pipeline(self) -> StagedPipeline:
-        from cellseg_deploy.export.tensorrt import (
-            build_engines,
-            cuda_index,
-            current_environment,
-            engine_mismatch,
-            load_engine_set,
-            resolve_engine_manifest,
-        )
-        from cellseg_deploy.runners.stage_executors import TrtExecutor
-
-        device = f"cuda:{cuda_index(self.device)}"
-        rebuild = _flag(self.options.get("rebuild", False))
-        manifest_path = resolve_engine_manifest(self.model_path, self.precision)
-        env = current_environment(device)
-        reason: str | None
-        if manifest_path.is_file():
-            engines = load_engine_set(manifest_path)
-            folder = load_stage_folder(engines.stage_dir)
-            current = {s: folder.graph_sha256(s, engines.manifest["graph_precision"]) for s in MODEL_STAGES}
-            reason = engine_mismatch(engines.manifest, env, current)
-            if reason is None and engines.precision != self.precision:
-                reason = f"{manifest_path} holds {engines.precision} engines, {self.precision} asked for; {_BUILD_HINT}"
-        else:
-            reason = f"no {self.precision} engines at {manifest_path.parent}; {_BUILD_HINT}"
-        if reason is not None:
-            if not rebuild:
-                raise ModelFileError(reason)
-            stage_dir = (
-                load_engine_set(manifest_path).stage_dir if manifest_path.is_file() else self.model_path
-            )
-            build_engines(
-                stage_dir,
-                manifest_path.parent,
-                fp16=self.precision == "fp16",
-                workspace_gib=float(self.options.get("workspace_gib", 4)),
-            )
-        engines = load_engine_set(manifest_path)
-        engines.verify_files()
-        folder = load_stage_folder(engines.stage_dir)
-        executor = TrtExecutor(
-            engines.engine_paths(), device=device, cuda_graphs=_flag(self.options.get("cuda_graphs", False))
-        )
-        return StagedPipeline(folder, executor, profile=engines.profile)
-
-
-_BUILD_HINT = "build them with 'cellseg-deploy export --format trt' (or runner option rebuild=true)"
-
-
 def _int_option(options: Mapping[str, Any], key: str) -> int | None:
     """Runner option ``key`` as a positive integer (``None`` when not given)."""
     if key not in options:
@@ -906,56 +831,3 @@ def _flag(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
-
-
-def check_stages_finite(
-    stage_dir: Path, precision: str, *, executor: StageExecutor | None = None, seed: int = 0
-) -> dict[str, Any]:
-    """Run a stage folder's stages on a synthetic image of the profile's largest size and report whether every
-    stage output is finite.
-
-    ``executor``: what runs the stages; default the PyTorch stage modules of the source checkpoint on the CPU
-    (:func:`torch_stage_executor`), which keep FP16 activations in FP16, so an overflow shows as inf (ONNX
-    Runtime's CPU provider would compute FP16 convolutions in FP32 and hide it).
-
-    The input is :func:`~cellseg_deploy.export.staged.synthetic_input` (noise, saturated blocks, bright
-    discs), normalised, ``[1, 3, H_max, W_max]``; the box head sees this image's proposals, the mask head its
-    detections and also (so it always runs at its largest RoI count) the top proposals.
-
-    Returns:
-        ``{"image": [H, W], "finite": bool, "stage_finite": {stage: bool}, "max_abs": {stage: float}}``.
-    """
-    from cellseg_deploy.export.staged import synthetic_input
-
-    folder = load_stage_folder(stage_dir)
-    executor = executor or torch_stage_executor(folder, precision)
-    pipeline = StagedPipeline(folder, executor)
-    h, w = pipeline.profile.image_max
-    image = synthetic_input(h, w, seed=seed)[0]
-    batch = pipeline.host.transform.normalize(image)[None]
-    record: dict[str, Mapping[str, torch.Tensor]] = {}
-    pipeline.forward(batch, [(h, w)], record=record)
-    # The mask head sees only the detections above the score threshold (maybe none on this image): also run
-    # it on as many of the top proposals as one call takes.
-    top = [p[: pipeline.profile.max_rois("mask_head")] for p in record["_proposals"]]
-    with torch.inference_mode():
-        feats = pipeline.host.roi_heads.mask_roi_pool(record["_features"], top, [(h, w)])
-        extra = pipeline.executor.run("mask_head", {"mask_features": feats}) if len(feats) else {}
-    record["mask_head"] = {**record.get("mask_head", {}), **{f"{k}@proposals": v for k, v in extra.items()}}
-    stage_finite = {
-        s: all(bool(torch.isfinite(t).all()) for t in record[s].values()) if s in record else True
-        for s in MODEL_STAGES
-    }
-    max_abs = {
-        s: max((float(t.abs().max()) for t in record[s].values() if t.numel()), default=0.0)
-        if s in record
-        else 0.0
-        for s in MODEL_STAGES
-    }
-    pipeline.close()
-    return {
-        "image": [h, w],
-        "finite": all(stage_finite.values()),
-        "stage_finite": stage_finite,
-        "max_abs": max_abs,
-    }

@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from cellseg_deploy.backends.base import Runner
+from cellseg_deploy.backends.devices import device_name, tf32, tf32_state, torch_device
+from cellseg_deploy.backends.registry import register_runner
 from cellseg_deploy.errors import BackendUnavailable
 from cellseg_deploy.modeling.checkpoint import load_checkpoint
 from cellseg_deploy.modeling.raw import forward_raw
-from cellseg_deploy.runners.base import Runner
-from cellseg_deploy.runners.devices import device_name, tf32, tf32_state, torch_device
-from cellseg_deploy.runners.registry import register_runner
 from cellseg_deploy.structures import Detections
 
 

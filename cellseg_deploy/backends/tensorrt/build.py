@@ -1,4 +1,4 @@
-"""TensorRT engines for the stage graphs (:mod:`cellseg_deploy.export.staged`), and their manifest.
+"""TensorRT engines for the stage graphs (:mod:`cellseg_deploy.backends.staged.stages`), and their manifest.
 
 One engine per stage (``backbone_rpn``, ``box_head``, ``mask_head``), built with an optimisation profile
 (min/opt/max image size and RoI count), a workspace limit and a timing cache shared by every build in the
@@ -33,8 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cellseg_deploy.backends.staged.stages import (
+    STAGE_INPUTS,
+    STAGES,
+    StageFolder,
+    StageProfile,
+    load_stage_folder,
+)
 from cellseg_deploy.errors import BackendUnavailable, ConfigError, ModelFileError
-from cellseg_deploy.export.staged import STAGE_INPUTS, STAGES, StageFolder, StageProfile, load_stage_folder
 from cellseg_deploy.io_utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -58,13 +64,13 @@ ALIGNMENT = 256
 
 def cuda_index(device: str | Any) -> int:
     """The GPU index of a CUDA device name (``"cuda"`` -> 0, ``"cuda:1"`` -> 1), via
-    :func:`cellseg_deploy.runners.devices.parse_device`; TensorRT runs on GPUs only.
+    :func:`cellseg_deploy.backends.devices.parse_device`; TensorRT runs on GPUs only.
 
     Raises:
         UserError: not a CUDA device (``ConfigError`` for a malformed name).
     """
+    from cellseg_deploy.backends.devices import parse_device
     from cellseg_deploy.errors import UserError
-    from cellseg_deploy.runners.devices import parse_device
 
     kind, index = parse_device(device)
     if kind != "cuda" or index is None:
@@ -498,7 +504,7 @@ class EngineSet:
 
 def load_engine_set(path: Path) -> EngineSet:
     """Read ``engines.json`` (or the folder holding it)."""
-    from cellseg_deploy.export.metadata import read_manifest
+    from cellseg_deploy.backends.metadata import read_manifest
 
     missing = f"no {ENGINES_MANIFEST} at {path}; build engines with 'cellseg-deploy export --format trt'"
     manifest_path, manifest = read_manifest(
@@ -563,7 +569,7 @@ def build_engines(
     """Build one TensorRT engine per stage of a stage folder.
 
     Args:
-        stage_dir: made by :func:`~cellseg_deploy.export.staged.export_staged` (or its ``manifest.json``).
+        stage_dir: made by :func:`~cellseg_deploy.backends.staged.export.export_staged` (or its ``manifest.json``).
         out_dir: engine folder; default ``<stage_dir>/engines/<fp16|fp32>``.
         fp16: build FP16 engines from the FP16 stage graphs (strongly typed, see :func:`build_plan`), else FP32.
         workspace_gib: builder workspace limit in GiB.

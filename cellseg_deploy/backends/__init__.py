@@ -1,7 +1,7 @@
 """Runners: one interface (:class:`Runner`) for every backend, and the registry behind ``--engine``."""
 
-from cellseg_deploy.runners.base import Runner, check_image
-from cellseg_deploy.runners.registry import (
+from cellseg_deploy.backends.base import Runner, check_image
+from cellseg_deploy.backends.registry import (
     create_runner,
     get_runner_class,
     list_runners,

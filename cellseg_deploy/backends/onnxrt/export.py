@@ -23,7 +23,7 @@ How it is made and checked (each step can fail loudly; nothing is written unless
    the graph, and that the graph resizes exactly as eager PyTorch does (see :func:`_resize_like_eager`).
 4. Optional ``onnxslim`` simplification, kept only when it gives the same outputs as the plain graph on both
    check images (otherwise the plain graph is written and the reason recorded).
-5. Provenance (:mod:`cellseg_deploy.export.metadata`) in ``metadata_props``; atomic write.
+5. Provenance (:mod:`cellseg_deploy.backends.metadata`) in ``metadata_props``; atomic write.
 
 The exporter is deterministic: exporting one checkpoint twice gives the same ``graph_sha256`` (the file minus
 its metadata); the files are byte-identical when ``SOURCE_DATE_EPOCH`` fixes the export time.
@@ -83,7 +83,7 @@ class ExportResult:
         size_bytes: its size.
         seconds: wall time of the whole export (trace, checks, optional simplification, write).
         sha256: hex SHA-256 of the file's bytes.
-        metadata: the provenance stored inside the file (decoded, see :mod:`cellseg_deploy.export.metadata`).
+        metadata: the provenance stored inside the file (decoded, see :mod:`cellseg_deploy.backends.metadata`).
         checks: what the self-check measured: detections on each check image for PyTorch and ONNX Runtime,
             largest box/score/mask differences, simplification outcome, time per step.
     """
@@ -142,7 +142,7 @@ def export_onnx(
     t_start = time.perf_counter()
     import torch
 
-    from cellseg_deploy.export import metadata as md
+    from cellseg_deploy.backends import metadata as md
     from cellseg_deploy.io_utils import atomic_write_bytes, sha256_file
     from cellseg_deploy.modeling.checkpoint import load_checkpoint
     from cellseg_deploy.modeling.raw import RawMaskRCNN
@@ -281,7 +281,7 @@ def _trace_to_onnx(
     import onnx
     import torch
 
-    from cellseg_deploy.export.roi_merge import gather_level_merge
+    from cellseg_deploy.backends.onnxrt.roi_merge import gather_level_merge
     from cellseg_deploy.modeling.raw import OUTPUT_NAMES
 
     dynamic_axes: dict[str, dict[int, str]] = {name: {0: "N"} for name in OUTPUT_NAMES}
@@ -499,7 +499,7 @@ def _trace_candidates() -> Iterator[tuple[str, np.ndarray]]:
 
 def _pick_trace_image(raw: RawMaskRCNN, given: np.ndarray | None) -> tuple[np.ndarray, int, str]:
     """The trace image, the number of detections PyTorch gives on it, and where it came from."""
-    from cellseg_deploy.runners.base import check_image
+    from cellseg_deploy.backends.base import check_image
 
     if given is not None:
         check_image(given)

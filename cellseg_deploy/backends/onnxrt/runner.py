@@ -1,4 +1,4 @@
-"""ONNX Runtime runner for the single-graph export (:mod:`cellseg_deploy.export.onnx_export`).
+"""ONNX Runtime runner for the single-graph export (:mod:`cellseg_deploy.backends.onnxrt.export`).
 
 The graph takes the uint8 ``[H, W, 3]`` image as read from disk (normalisation and resizing are inside it)
 and returns ``boxes, labels, scores, mask_probs``; the shared post-processing pastes the masks on the host.
@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from cellseg_deploy.backends.base import Runner, check_static_size
+from cellseg_deploy.backends.devices import parse_device
+from cellseg_deploy.backends.registry import register_runner
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
-from cellseg_deploy.runners.base import Runner, check_static_size
-from cellseg_deploy.runners.devices import parse_device
-from cellseg_deploy.runners.registry import register_runner
 from cellseg_deploy.structures import Detections
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class OrtRunner(Runner):
     def _load(self) -> None:
         import onnxruntime as ort
 
-        from cellseg_deploy.export.metadata import decode_props
+        from cellseg_deploy.backends.metadata import decode_props
 
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -10,16 +10,16 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from cellseg_deploy.backends.base import Runner
 from cellseg_deploy.errors import UserError
-from cellseg_deploy.runners.base import Runner
 
 _RUNNER_MODULES: dict[str, str] = {
-    "torch": "cellseg_deploy.runners.torch_runner",
-    "staged-onnx": "cellseg_deploy.runners.staged_runner",
-    "trt": "cellseg_deploy.runners.staged_runner",
-    "staged-torch": "cellseg_deploy.runners.staged_runner",
-    "onnx": "cellseg_deploy.runners.ort_runner",
-    "openvino": "cellseg_deploy.runners.openvino_runner",
+    "torch": "cellseg_deploy.backends.pytorch.runner",
+    "staged-onnx": "cellseg_deploy.backends.staged.runner",
+    "trt": "cellseg_deploy.backends.tensorrt.runner",
+    "staged-torch": "cellseg_deploy.backends.staged.runner",
+    "onnx": "cellseg_deploy.backends.onnxrt.runner",
+    "openvino": "cellseg_deploy.backends.openvino.runner",
 }
 """Runner name -> module that defines it (imported on first use). Add new backends here."""
 
@@ -62,3 +62,7 @@ def parse_engines(spec: str) -> list[str]:
     for n in names:
         get_runner_class(n)
     return names
+
+
+EXPORT_FORMATS: tuple[str, ...] = ("onnx", "staged", "trt", "openvino-int8")
+"""Formats of ``cellseg-deploy export --format``."""

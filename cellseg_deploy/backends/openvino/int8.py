@@ -1,6 +1,6 @@
 """int8 for the CPU: post-training static quantisation of the exported graph into an OpenVINO IR.
 
-The single ONNX graph (:mod:`~cellseg_deploy.export.onnx_export`) is read by OpenVINO and every heavy layer
+The single ONNX graph (:mod:`~cellseg_deploy.backends.onnxrt.export`) is read by OpenVINO and every heavy layer
 gets ``FakeQuantize`` nodes on its two inputs, which OpenVINO's CPU plugin turns into int8 kernels (AMX-INT8 /
 AVX512-VNNI); everything else runs as before (bf16 where the CPU has it, else fp32):
 
@@ -47,12 +47,11 @@ from typing import Any
 
 import numpy as np
 
+from cellseg_deploy.backends.openvino.ir import RT_INFO_KEY
 from cellseg_deploy.errors import BackendUnavailable, DataError, UserError
 
 log = logging.getLogger(__name__)
 
-RT_INFO_KEY = "cellseg_int8"
-"""The ``rt_info`` entry that marks an IR as quantised by this module (JSON string)."""
 
 QUANTISED_TYPES: tuple[str, ...] = ("Convolution", "MatMul")
 SKIPPED_NAMES: tuple[str, ...] = (
@@ -209,7 +208,7 @@ def quantised_inputs(model: Any) -> list[tuple[Any, int]]:
 
 
 def _read(onnx_path: Path) -> Any:
-    from cellseg_deploy.runners.openvino_runner import repair_empty_branches
+    from cellseg_deploy.backends.openvino.ir import repair_empty_branches
 
     ov = _import_openvino()
     model = ov.Core().read_model(str(onnx_path))
@@ -297,17 +296,6 @@ def insert_fake_quantize(model: Any, ranges: dict[str, tuple[float, float]]) -> 
     return done
 
 
-def read_quantisation(model: Any) -> dict[str, Any] | None:
-    """The ``rt_info[cellseg_int8]`` record of an OpenVINO model, or ``None`` when it is not ours/int8."""
-    if not model.has_rt_info([RT_INFO_KEY]):
-        return None
-    try:
-        value = json.loads(str(model.get_rt_info([RT_INFO_KEY]).astype(str)))
-    except (ValueError, TypeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _save_ir(model: Any, out: Path) -> Path:
     """Write ``out`` (``.xml``) and its ``.bin`` atomically: both go to a temporary folder beside ``out``,
     then the ``.bin`` and last the ``.xml`` are renamed into place (an ``.xml`` never points at a partial
@@ -386,7 +374,7 @@ def export_openvino_int8(
 
     ``calib_data``: see :func:`calibration_images`.
     """
-    from cellseg_deploy.export.onnx_export import export_onnx
+    from cellseg_deploy.backends.onnxrt.export import export_onnx
 
     out = Path(out)
     if out.suffix.lower() != ".xml":

@@ -3,7 +3,7 @@
 The whole torchvision graph does not build in TensorRT (the mask-paste ``Loop``, the ``If`` inside
 ``MultiScaleRoIAlign``, empty-tensor reshapes), and per-class NMS offsets boxes by about 1e5, past FP16's
 range. So only the networks with weights become graphs, and everything between them stays in FP32 PyTorch,
-computed by torchvision's own modules (:mod:`cellseg_deploy.runners.staged_runner`):
+computed by torchvision's own modules (:mod:`cellseg_deploy.backends.staged.runner`):
 
 ==============  ===============================================  ==================================================
 stage           input (float32 at the boundary)                  outputs (float32 at the boundary)
@@ -39,17 +39,15 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cellseg_deploy.errors import CheckFailed, ConfigError, ModelFileError
-from cellseg_deploy.io_utils import atomic_path, atomic_write_json, sha256_file
+from cellseg_deploy.errors import ConfigError, ModelFileError
+from cellseg_deploy.io_utils import sha256_file
 from cellseg_deploy.modeling.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -472,242 +470,6 @@ def _pool_size(output_size: Any) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Export
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class StagedExportResult:
-    """What :func:`export_staged` wrote.
-
-    Attributes:
-        out_dir: the stage folder.
-        manifest: path of ``manifest.json``.
-        graphs: ``{precision: {stage: path}}``.
-        profile: the profile the graphs were declared for.
-        finite_check: ``{precision: {"image": [H, W], "finite": bool, "max_abs": {stage: float}}}``.
-        seconds: wall time of the whole export.
-    """
-
-    out_dir: Path
-    manifest: Path
-    graphs: dict[str, dict[str, Path]]
-    profile: StageProfile
-    finite_check: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (for ``--json``)."""
-        return {
-            "out_dir": str(self.out_dir),
-            "manifest": str(self.manifest),
-            "graphs": {p: {s: str(path) for s, path in g.items()} for p, g in self.graphs.items()},
-            "profile": self.profile.to_dict(),
-            "finite_check": self.finite_check,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def _trace_inputs(stage: str, geometry: StageGeometry, profile: StageProfile) -> torch.Tensor:
-    """A small example input (the graphs are dynamic; a small trace keeps FP16 tracing on the CPU fast)."""
-    if stage == "backbone_rpn":
-        h = min(max(128, profile.height[0]), profile.height[2])
-        w = min(max(160, profile.width[0]), profile.width[2])
-        return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    size = geometry.roi_size(stage)
-    return torch.randn(3, geometry.channels, size, size, generator=torch.Generator().manual_seed(0))
-
-
-def _export_graph(
-    module: nn.Module,
-    example: torch.Tensor,
-    dest: Path,
-    stage: str,
-    geometry: StageGeometry,
-    opset: int,
-    metadata: dict[str, Any],
-) -> None:
-    """Trace ``module`` to ``dest`` (atomically) with dynamic axes, provenance in ``metadata_props``, checked
-    by ``onnx.checker``."""
-    import onnx
-
-    from cellseg_deploy.export.metadata import set_onnx_metadata
-
-    inputs, outputs = geometry.io(stage)
-    dynamic: dict[str, dict[int, str]] = {}
-    for spec in (*inputs, *outputs):
-        dynamic[spec["name"]] = {i: d for i, d in enumerate(spec["shape"]) if isinstance(d, str)}
-    with atomic_path(dest) as tmp, warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript-based exporter is the one that handles these modules (facts.md); its deprecation
-        # and tracer warnings are expected here and only here.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            module,
-            (example,),
-            str(tmp),
-            dynamo=False,
-            opset_version=opset,
-            input_names=[s["name"] for s in inputs],
-            output_names=[s["name"] for s in outputs],
-            dynamic_axes=dynamic,
-            do_constant_folding=True,
-        )
-        proto = onnx.load(str(tmp))
-        set_onnx_metadata(proto, {**metadata, "inputs": inputs, "outputs": outputs})
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-
-
-EXPORTER = "torch.onnx.export(dynamo=False), one graph per stage"
-
-
-def export_staged(
-    checkpoint: Path,
-    out_dir: Path,
-    *,
-    fp16: bool = True,
-    opset: int = 17,
-    profile: StageProfile | None = None,
-    check_finite: bool = True,
-) -> StagedExportResult:
-    """Export a checkpoint's backbone+RPN head, box head and mask head as ONNX graphs into ``out_dir``.
-
-    Writes ``backbone_rpn.onnx``, ``box_head.onnx``, ``mask_head.onnx`` (FP32), with ``fp16`` also
-    ``*.fp16.onnx`` (FP16 inside, float32 at the boundary), and ``manifest.json``; every file atomically.
-    See the module docstring for the tensors.
-
-    Args:
-        checkpoint: a cellseg-deploy checkpoint (``.pt``).
-        out_dir: the stage folder (created; existing stage files are replaced).
-        fp16: also export the FP16 graphs.
-        opset: ONNX opset.
-        profile: the shape ranges to record for engines; default :meth:`StageProfile.for_model`.
-        check_finite: run the FP16 stages (the traced PyTorch modules, FP16 activations) on a synthetic image
-            of the profile's largest size and fail if any stage output is inf or NaN.
-
-    Raises:
-        CheckpointError: unreadable checkpoint.
-        CheckFailed: a stage output was inf or NaN on the largest profile image.
-    """
-    from tqdm import tqdm
-
-    from cellseg_deploy.export.metadata import provenance
-    from cellseg_deploy.modeling.checkpoint import load_checkpoint
-
-    start = time.perf_counter()
-    checkpoint = Path(checkpoint)
-    out_dir = Path(out_dir)
-    ckpt = load_checkpoint(checkpoint)
-    model = ckpt.build_model()
-    profile = profile or StageProfile.for_model(ckpt.model_config)
-    geometry = StageGeometry.of(model)
-    precisions = ("fp32", "fp16") if fp16 else ("fp32",)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = provenance(
-        ckpt, sha256_file(checkpoint), exporter=EXPORTER, opset=opset, mask_size=geometry.mask_size
-    )
-
-    graphs: dict[str, dict[str, Path]] = {p: {} for p in precisions}
-    jobs = [(p, s) for p in precisions for s in STAGES]
-    modules = {p: build_stage_modules(model, p) for p in precisions}
-    for precision, stage in tqdm(jobs, desc="export stages", unit="graph", disable=None):
-        dest = out_dir / stage_file(stage, precision)
-        meta = {**source, "stage": stage, "precision": precision, "boundary_dtype": BOUNDARY_DTYPE}
-        _export_graph(
-            modules[precision][stage],
-            _trace_inputs(stage, geometry, profile),
-            dest,
-            stage,
-            geometry,
-            opset,
-            meta,
-        )
-        graphs[precision][stage] = dest
-        log.info("wrote %s", dest)
-
-    manifest = stage_manifest(
-        graphs=graphs,
-        out_dir=out_dir,
-        checkpoint=checkpoint,
-        geometry=geometry,
-        profile=profile,
-        provenance=source,
-    )
-    manifest_path = atomic_write_json(out_dir / MANIFEST_NAME, manifest)
-
-    finite: dict[str, Any] = {}
-    if check_finite:
-        from cellseg_deploy.runners.stage_executors import TorchExecutor
-        from cellseg_deploy.runners.staged_runner import check_stages_finite
-
-        names = {s: [o["name"] for o in geometry.io(s)[1]] for s in STAGES}
-        for precision in [p for p in precisions if p != "fp32"]:  # FP32 has 1e34 times FP16's range
-            # The traced modules themselves, in PyTorch: activations stay FP16 (ONNX Runtime's CPU provider
-            # would compute the FP16 graph's convolutions in FP32 and hide an overflow).
-            executor = TorchExecutor(modules[precision], names)
-            report = check_stages_finite(out_dir, precision, executor=executor)
-            finite[precision] = report
-            if not report["finite"]:
-                bad = [s for s, ok in report["stage_finite"].items() if not ok]
-                raise CheckFailed(
-                    f"{precision} stage graph(s) {bad} produced inf/NaN on a {report['image']} image "
-                    f"(the profile's largest); use the fp32 graphs or retrain with smaller activations"
-                )
-        manifest["finite_check"] = finite
-        atomic_write_json(manifest_path, manifest)
-    return StagedExportResult(
-        out_dir=out_dir,
-        manifest=manifest_path,
-        graphs=graphs,
-        profile=profile,
-        finite_check=finite,
-        seconds=time.perf_counter() - start,
-    )
-
-
-def stage_manifest(
-    *,
-    graphs: dict[str, dict[str, Path]],
-    out_dir: Path,
-    checkpoint: Path,
-    geometry: StageGeometry,
-    profile: StageProfile,
-    provenance: dict[str, Any],
-) -> dict[str, Any]:
-    """The ``manifest.json`` dict of a stage folder (pure apart from hashing the files it names).
-
-    ``provenance``: :func:`cellseg_deploy.export.metadata.provenance` of the source checkpoint (also stored in
-    every graph's ``metadata_props``); its model config, versions and opset are copied to the top level.
-    """
-    stages: dict[str, Any] = {}
-    for stage in STAGES:
-        inputs, outputs = geometry.io(stage)
-        files = {}
-        for precision, by_stage in graphs.items():
-            path = by_stage[stage]
-            files[precision] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-        stages[stage] = {"graphs": files, "inputs": inputs, "outputs": outputs}
-    return {
-        "format": STAGED_FORMAT,
-        "created": provenance["exported_at"],
-        "precisions": sorted(graphs, key=STAGE_PRECISIONS.index),
-        "boundary_dtype": BOUNDARY_DTYPE,
-        "fp16_conversion": (
-            "module.half() traced with float32 Casts at the boundary; BatchNorm folded into convolutions in "
-            "float64 before the cast"
-        ),
-        "host_fp32": "preprocess, anchors, box decoding, proposal and per-class NMS, RoIAlign, mask sigmoid",
-        "opset": provenance.get("opset"),
-        "stages": stages,
-        "geometry": geometry.to_dict(),
-        "profile": profile.to_dict(),
-        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": provenance["source_sha256"]},
-        "model_config": provenance["model_config"],
-        "versions": provenance["versions"],
-        "provenance": provenance,
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Reading a stage folder
 # ----------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -772,7 +534,7 @@ def load_stage_folder(path: Path) -> StageFolder:
     Raises:
         ModelFileError: no manifest, unreadable JSON, or not a cellseg-deploy stage folder.
     """
-    from cellseg_deploy.export.metadata import read_manifest
+    from cellseg_deploy.backends.metadata import read_manifest
 
     missing = f"{path} is not a stage folder (no {MANIFEST_NAME}); make one with 'cellseg-deploy export --format staged'"
     manifest_path, manifest = read_manifest(path, MANIFEST_NAME, STAGED_FORMAT, missing, "a stage manifest")

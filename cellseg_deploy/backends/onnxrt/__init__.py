@@ -1,0 +1,1 @@
+"""ONNX Runtime: the one-graph export (uint8 image in, detections out) and its runner."""

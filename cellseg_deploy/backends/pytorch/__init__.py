@@ -1,0 +1,1 @@
+"""PyTorch eager: the reference runner (a checkpoint, as trained)."""
