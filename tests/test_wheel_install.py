@@ -99,3 +99,37 @@ def test_train_by_recipe_name_and_demo_start_from_the_wheel(
     _, err = proc.communicate(timeout=60)
     assert started or proc.returncode == 0, f"demo did not reach training from the wheel: {err[-2000:]}"
     assert "not found" not in err, err[-2000:]
+
+
+def test_the_wheel_holds_every_module_of_the_package_and_each_imports(
+    installed: dict[str, str], tmp_path: Path
+) -> None:
+    """Every ``cellseg_deploy`` module of the checkout is in the wheel (a new backend folder without its
+    ``__init__.py``, or left out of the package list, would be missing) and imports from there."""
+    source = REPO / "cellseg_deploy"
+    expected = sorted(
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for p in source.rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
+    probe = (
+        "import importlib, os, sys\n"
+        "target = os.environ['PYTHONPATH']\n"
+        "for name in sys.argv[1:]:\n"
+        "    module = importlib.import_module(name)\n"
+        "    assert module.__file__.startswith(target), module.__file__\n"
+        "print(len(sys.argv) - 1)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, *expected], cwd=tmp_path, env=installed, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str(len(expected))
+    site = Path(installed["PYTHONPATH"]) / "cellseg_deploy"
+    shipped = {p.relative_to(site.parent).as_posix() for p in site.rglob("*.py")}
+    missing = [
+        m
+        for m in expected
+        if not ({m.replace(".", "/") + ".py", m.replace(".", "/") + "/__init__.py"} & shipped)
+    ]
+    assert not missing, missing
