@@ -3,7 +3,9 @@
 - ``--json PATH`` writes the command's machine-readable result (atomically).
 - Exit codes: 0 success, 1 a check or gate failed (:class:`~cellseg_deploy.errors.CheckFailed`),
   2 bad usage or bad input (:class:`~cellseg_deploy.errors.UserError`, click usage errors).
-- A user error is one line on stderr; ``--verbose`` (on the top-level group) adds the traceback.
+- A user error is one line on stderr; ``--verbose`` (before or after the subcommand) adds the traceback.
+- Shared options (``--seed``, ``--device``, ``--split``, ``--limit``, ...) are declared once, in
+  :mod:`cellseg_deploy.cli.options`.
 - Outputs are checked before any work (:func:`check_outputs`): each path a command will write must be
   writable, and an existing output is refused unless ``--overwrite`` is given (then one line says it is
   replaced). A write that still fails at the end keeps the finished result elsewhere and says where.
@@ -13,49 +15,18 @@ Commands never call ``sys.exit`` themselves: they raise, and :func:`cellseg_depl
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
+# The shared option decorators live in cli/options.py; these names stay importable from here.
+from cellseg_deploy.cli.options import F as F
+from cellseg_deploy.cli.options import json_option as json_option
+from cellseg_deploy.cli.options import max_pixels_option as max_pixels_option
+from cellseg_deploy.cli.options import overwrite_option as overwrite_option
 from cellseg_deploy.io_utils import OutputError, atomic_write_json, check_output, rescue_path
 from cellseg_deploy.tables import format_table
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def json_option(func: F) -> F:
-    """Add ``--json PATH``: where to write the command's machine-readable result."""
-    return click.option(
-        "--json",
-        "json_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="Also write the result as JSON to this file.",
-    )(func)
-
-
-def overwrite_option(func: F) -> F:
-    """Add ``--overwrite``: replace outputs that already exist (without it they are refused before any work)."""
-    return click.option(
-        "--overwrite",
-        is_flag=True,
-        help="Replace outputs that already exist (without it an existing output stops the command before "
-        "any work).",
-    )(func)
-
-
-def max_pixels_option(func: F) -> F:
-    """Add ``--max-pixels N``: the largest image (height x width) read; larger ones are refused from the header."""
-    return click.option(
-        "--max-pixels",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Refuse images with more pixels (height x width) than this, before decoding them. "
-        "[default: 25000000, i.e. 5000 x 5000]",
-    )(func)
 
 
 def check_outputs(

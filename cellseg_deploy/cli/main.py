@@ -13,12 +13,19 @@ import traceback
 import click
 
 from cellseg_deploy import __version__
+from cellseg_deploy.cli.options import add_verbose_everywhere, reset_verbose, set_verbose, verbose_requested
 from cellseg_deploy.errors import CheckFailed, UserError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="cellseg-deploy")
-@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks for errors and debug logging.")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    callback=set_verbose,
+    help="Show tracebacks for errors and debug logging (also accepted after the command).",
+)
 @click.pass_context
 def cli(ctx: click.Context, verbose: bool) -> None:
     """Train, export, verify and benchmark a Mask R-CNN for cell instance segmentation.
@@ -30,6 +37,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if verbose:  # basicConfig leaves an already configured root logger's level alone
+        logging.getLogger().setLevel(logging.DEBUG)
 
 
 def _register() -> None:
@@ -46,6 +55,7 @@ def _register() -> None:
     commands = (data, train_cmd, export_cmd, parity_cmd, eval_cmd, predict_cmd, bench, scorecard_cmd, demo)
     for command in commands:
         cli.add_command(command)
+    add_verbose_everywhere(cli)  # --verbose after the subcommand too: `cellseg-deploy eval ... --verbose`
 
 
 _register()
@@ -53,7 +63,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map user errors to one stderr line and exit 2, failed checks to exit 1."""
-    verbose = "--verbose" in (argv or sys.argv[1:]) or "-v" in (argv or sys.argv[1:])
+    reset_verbose()
     try:
         cli.main(args=argv, prog_name="cellseg-deploy", standalone_mode=False)
     except click.exceptions.Abort:
@@ -65,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except CheckFailed as exc:
-        if verbose:
+        if verbose_requested():
             traceback.print_exc()
         click.echo(f"FAILED: {exc}", err=True)
         return CheckFailed.exit_code
     except UserError as exc:
-        if verbose:
+        if verbose_requested():
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except OSError as exc:  # the file system said no (a full disk, a folder gone read-only): one line
-        if verbose:
+        if verbose_requested():
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"error: {where}{exc.strerror or exc}", err=True)

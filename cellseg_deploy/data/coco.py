@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cellseg_deploy import CLASS_NAMES
 from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
 from cellseg_deploy.data.layout import (
+    SPLITS,
     TEST_GT_NAME,
     Sample,
     list_train_ids,
@@ -32,8 +33,6 @@ from cellseg_deploy.data.layout import (
 )
 from cellseg_deploy.data.rle import encode_crop, rle_area
 from cellseg_deploy.errors import ConfigError, DataError
-
-SPLITS: tuple[str, ...] = ("all", "train", "val", "test")
 
 
 def categories() -> list[dict[str, Any]]:

@@ -29,6 +29,12 @@ CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
 TEST_MAP_NAME = "test_image_name_to_ids.json"
 TEST_GT_NAME = "test_ground_truth.json"
 
+# The splits of a dataset every command offers, in this order (``--split``): all = every train/ image,
+# train/val = the seeded split of train/ (:func:`split_train_val`), test = test_release/ with its ground truth.
+SPLITS: tuple[str, ...] = ("all", "train", "val", "test")
+# The share of train/ held out as val unless a recipe or ``--val-fraction`` says otherwise.
+DEFAULT_VAL_FRACTION = 0.2
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -168,7 +174,9 @@ def load_sample(root: str | Path, sample_id: str, max_pixels: int | None = DEFAU
     )
 
 
-def split_train_val(ids: list[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+def split_train_val(
+    ids: list[str], val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0
+) -> tuple[list[str], list[str]]:
     """Deterministic split of sample ids into ``(train, val)``, both sorted.
 
     Each id is ranked by the SHA-256 of ``"<seed>:<id>"``; the first ``round(n * val_fraction)`` (at least 1 when
