@@ -145,3 +145,28 @@ def test_bench_exports_an_int8_ir_for_openvino_int8(random_tiny_checkpoint: Path
     assert models["openvino:bf16"].path.suffix == ".onnx"
     again = resolve_engine_models(["openvino:int8"], checkpoint=random_tiny_checkpoint, cache_dir=tmp_path)
     assert "reused" in again["openvino:int8"].note
+
+
+def test_the_same_inputs_give_the_same_ir_bytes(fast_onnx: Path, tmp_path: Path) -> None:
+    """An IR is reproducible: nothing of the run (such as how long calibration took) is written into it.
+
+    Each export runs in its own process, as the CLI does: OpenVINO numbers the constants it creates with a
+    counter global to the process, so a second export in the same process names them differently."""
+    import subprocess
+    import sys
+
+    from cellseg_deploy.io_utils import sha256_file
+
+    code = (
+        "import sys; from pathlib import Path; "
+        "from cellseg_deploy.backends.openvino.int8 import quantize_onnx; "
+        "from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image; "
+        "images = [synthetic_cell_image(160, 160, seed=s) for s in range(2)]; "
+        "r = quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), images, source='test images'); "
+        "assert 'seconds' in r.calibration"
+    )
+    outs = [tmp_path / "a.xml", tmp_path / "b.xml"]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", code, str(fast_onnx), str(out)], check=True, timeout=300)
+    assert sha256_file(outs[0]) == sha256_file(outs[1])
+    assert sha256_file(outs[0].with_suffix(".bin")) == sha256_file(outs[1].with_suffix(".bin"))

@@ -75,7 +75,8 @@ class Int8Result:
     Attributes:
         path / bin_path: the IR's ``.xml`` and ``.bin``.
         quantised_layers: ONNX node names of the layers given int8 inputs.
-        calibration: ``{"source", "images", "ranges", "seconds"}``.
+        calibration: ``{"source", "images", "ranges"}`` (as recorded in the IR) and ``"seconds"``, the
+            calibration's wall time (kept out of the IR, so the same inputs give the same file).
         seconds: wall time of calibration, quantisation and saving.
         sha256: SHA-256 of the ``.xml``.
     """
@@ -341,7 +342,6 @@ def quantize_onnx(
         "source": source,
         "images": len(images),
         "ranges": "mean of per-image min/max",
-        "seconds": round(calib_s, 2),
     }
     record = {
         "scheme": "FakeQuantize int8: weights symmetric per output channel (255 levels), activations per "
@@ -357,7 +357,7 @@ def quantize_onnx(
         path=out,
         bin_path=bin_path,
         quantised_layers=layers,
-        calibration=calibration,
+        calibration={**calibration, "seconds": round(calib_s, 2)},
         seconds=round(time.perf_counter() - t0, 2),
         sha256=sha256_file(out),
     )
