@@ -48,6 +48,7 @@ class DemoConfig:
         bench_iters: measured rounds of the benchmark (each round runs every engine on every test image).
         max_dets: the COCOeval detection cap for the AP tables.
         engines: what the scorecard measures (those that cannot run here are listed as skipped).
+        progress: progress bars on stderr for the long steps (synthesis, training).
     """
 
     out: Path = Path("runs/demo")
@@ -59,6 +60,7 @@ class DemoConfig:
     bench_iters: int = 5
     max_dets: int = 100
     engines: tuple[str, ...] = DEMO_ENGINES
+    progress: bool = True
 
 
 @dataclass
@@ -99,13 +101,17 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
     data = out / "data"
 
     done = _step("synthesise data", steps, echo)
-    make_synthetic_dataset(data, SynthConfig(n_train=config.n_train, n_test=config.n_test, seed=config.seed))
+    make_synthetic_dataset(
+        data,
+        SynthConfig(n_train=config.n_train, n_test=config.n_test, seed=config.seed),
+        progress=config.progress,
+    )
     check = check_dataset(data, progress=False)
     done()
 
     done = _step("train", steps, echo)
     recipe = load_recipe(config.recipe, list(config.overrides))
-    trained = train(recipe, data, out / "train", overwrite=True)
+    trained = train(recipe, data, out / "train", overwrite=True, progress=config.progress)
     checkpoint = trained.best_checkpoint or trained.last_checkpoint
     done()
 

@@ -7,7 +7,18 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, write_json_result
+from cellseg_deploy.cli.options import (
+    deprecated_alias,
+    device_option,
+    json_option,
+    limit_option,
+    overwrite_option,
+    precision_option,
+    progress_option,
+    seed_option,
+    threads_option,
+)
 
 
 @click.command("bench")
@@ -52,10 +63,18 @@ from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_opti
     default=None,
     help="Dataset root (test_release/ or train/) or folder of TIFF/PNG images; default: synthetic images.",
 )
-@click.option("--limit", type=int, default=None, help="With --data: use the first N images.")
+@limit_option("With --data: use only the first N images.")
 @click.option("--imgsz", type=int, default=512, show_default=True, help="Synthetic image side (px).")
 @click.option("--cells", type=int, default=150, show_default=True, help="Cells per synthetic image.")
-@click.option("--images", type=int, default=1, show_default=True, help="Number of synthetic images.")
+@click.option(
+    "--synthetic-images",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Without --data: how many synthetic images to measure on.",
+)
+@deprecated_alias("--images", "--synthetic-images", "synthetic_images", type=click.IntRange(min=1))
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed rounds before measuring.")
 @click.option(
     "--iters",
@@ -66,9 +85,7 @@ from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_opti
 @click.option(
     "--seconds", type=float, default=None, help="Measure whole rounds for this long instead of --iters."
 )
-@click.option(
-    "--threads", type=int, default=None, help="Intra-op CPU threads per runner (default: backend's own)."
-)
+@threads_option("Intra-op CPU threads per runner. Default: the backend's own.")
 @click.option(
     "--option",
     "options",
@@ -76,13 +93,8 @@ from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_opti
     metavar="RUNNER.KEY=VALUE",
     help="A backend option (repeatable), e.g. trt.cuda_graphs=true or onnx.graph_optimization=basic.",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option(
-    "--precision",
-    default="fp32",
-    show_default=True,
-    help="Precision of engines named without one (fp32, fp16, bf16, int8).",
-)
+@device_option()
+@precision_option("Precision of engines named without one (engine:precision in --engine sets one engine's).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Images per call (runners that batch).")
 @click.option(
     "--mode",
@@ -139,9 +151,8 @@ from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_opti
     show_default=True,
     help="Folder for models exported by the benchmark and synthetic images (reused).",
 )
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of synthetic images and untrained models."
-)
+@seed_option("Seed of synthetic images and untrained models.")
+@progress_option()
 @overwrite_option
 @json_option
 def bench(
@@ -154,7 +165,7 @@ def bench(
     limit: int | None,
     imgsz: int,
     cells: int,
-    images: int,
+    synthetic_images: int,
     warmup: int,
     iters: int | None,
     seconds: float | None,
@@ -174,6 +185,7 @@ def bench(
     out_dir: Path,
     cache_dir: Path,
     seed: int,
+    progress: bool,
     overwrite: bool,
     json_path: Path | None,
 ) -> None:
@@ -190,7 +202,8 @@ def bench(
         cellseg-deploy bench --engine torch,onnx --untrained tiny --sweep cells,size --iters 5
         cellseg-deploy bench --engine torch,trt,trt:fp16 --device cuda --model ckpt.pt --option trt.rebuild=true
         cellseg-deploy bench --engine onnx --model-for onnx=m.onnx --data data/hw3 --limit 10 --threads 2
-        cellseg-deploy bench --engine openvino:int8 --untrained r50-fpn --images 32 --mode throughput --concurrency 2
+        cellseg-deploy bench --engine openvino:int8 --untrained r50-fpn --synthetic-images 32 \\
+            --mode throughput --concurrency 2
     """
     # Before any export or measurement: the report folder (refused when it holds results, unless --overwrite),
     # the cache (reused by design) and --json must be writable.
@@ -225,6 +238,7 @@ def bench(
         memory=not no_memory,
         post=PostprocessConfig(score_thresh=score_thresh),
         runner_options=dict(parse_runner_options(options, engines)),
+        progress=progress,
     )
     request = BenchRequest(
         settings=settings,
@@ -236,7 +250,7 @@ def bench(
         limit=limit,
         imgsz=imgsz,
         cells=cells,
-        images=images,
+        images=synthetic_images,
         seed=seed,
         sweeps=parse_sweep(sweep_spec),
         sweep_cells=parse_int_list(sweep_cells, "--sweep-cells") if sweep_cells else DEFAULT_CELLS,

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, write_json_result
+from cellseg_deploy.cli.options import (
+    json_option,
+    overwrite_option,
+    progress_option,
+    seed_option,
+    split_option,
+    val_fraction_option,
+)
 
 
 @click.group()
@@ -37,9 +45,8 @@ def data() -> None:
     show_default=True,
     help="Add a ~40 px image, a 1100x1300 dense image and one whose IDs pass 255.",
 )
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Random seed; the same seed gives the same bytes."
-)
+@seed_option("Random seed; the same seed gives the same bytes.")
+@progress_option()
 @json_option
 @overwrite_option
 def synth(
@@ -52,6 +59,7 @@ def synth(
     max_cells: int,
     extremes: bool,
     seed: int,
+    progress: bool,
     json_path: Path | None,
     overwrite: bool,
 ) -> None:
@@ -80,7 +88,7 @@ def synth(
         seed=seed,
         extremes=extremes,
     )
-    summary = make_synthetic_dataset(out, config)
+    summary = make_synthetic_dataset(out, config, progress=progress)
     click.echo(describe(summary))
     write_json_result(json_path, summary.to_dict())
 
@@ -119,19 +127,17 @@ def check(root: Path, json_path: Path | None, overwrite: bool) -> None:
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="COCO JSON to write."
 )
-@click.option(
-    "--split",
-    type=click.Choice(["all", "train", "val", "test"]),
+@split_option(
+    "all = every training image; train/val = the seeded split; test = the synthetic test ground truth.",
     default="all",
-    show_default=True,
-    help="all = every training image; train/val = the seeded split; test = the synthetic test ground truth.",
 )
-@click.option(
-    "--val-fraction", type=float, default=0.2, show_default=True, help="Share of training images in val."
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@val_fraction_option
+@seed_option()
+@progress_option()
 @overwrite_option
-def to_coco(root: Path, out: Path, split: str, val_fraction: float, seed: int, overwrite: bool) -> None:
+def to_coco(
+    root: Path, out: Path, split: str, val_fraction: float, seed: int, progress: bool, overwrite: bool
+) -> None:
     """Write COCO instance annotations (RLE masks at full size) of a dataset split.
 
     Training images get image id = 1-based index among all sorted train/ folders (the same in every
@@ -146,7 +152,7 @@ def to_coco(root: Path, out: Path, split: str, val_fraction: float, seed: int, o
     from cellseg_deploy.cli.common import write_json_file
     from cellseg_deploy.data.coco import dataset_to_coco, require_images
 
-    gt = dataset_to_coco(root, split, val_fraction=val_fraction, seed=seed, progress=True)
+    gt = dataset_to_coco(root, split, val_fraction=val_fraction, seed=seed, progress=progress)
     require_images(gt, root, split, val_fraction)
     write_json_file(out, gt, what="--out", indent=None)
     click.echo(f"wrote {out}: {len(gt['images'])} images, {len(gt['annotations'])} instances ({split})")

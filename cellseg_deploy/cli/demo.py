@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, write_json_result
+from cellseg_deploy.cli.options import json_option, overwrite_option, progress_option, seed_option
 from cellseg_deploy.tables import format_table
 
 
@@ -22,13 +23,7 @@ from cellseg_deploy.tables import format_table
     "--train", "n_train", type=int, default=48, show_default=True, help="Synthetic training images."
 )
 @click.option("--test", "n_test", type=int, default=8, show_default=True, help="Synthetic test images.")
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed of the data (and of training via the recipe).",
-)
+@seed_option("Seed of the data (and of training via the recipe).")
 @click.option(
     "--recipe",
     default="tiny_cpu",
@@ -39,6 +34,7 @@ from cellseg_deploy.tables import format_table
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable)."
 )
 @click.option("--bench-iters", type=int, default=5, show_default=True, help="Measured benchmark rounds.")
+@progress_option()
 @json_option
 @overwrite_option
 def demo(
@@ -49,6 +45,7 @@ def demo(
     recipe: str,
     overrides: tuple[str, ...],
     bench_iters: int,
+    progress: bool,
     json_path: Path | None,
     overwrite: bool,
 ) -> None:
@@ -74,6 +71,7 @@ def demo(
             recipe=recipe,
             overrides=overrides,
             bench_iters=bench_iters,
+            progress=progress,
         ),
         echo=click.echo,
     )

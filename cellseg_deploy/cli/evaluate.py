@@ -13,13 +13,19 @@ from typing import Any
 
 import click
 
-from cellseg_deploy.cli.common import (
+from cellseg_deploy.cli.common import check_outputs, write_json_result
+from cellseg_deploy.cli.options import (
     F,
-    check_outputs,
+    device_option,
     json_option,
     max_pixels_option,
     overwrite_option,
-    write_json_result,
+    precision_option,
+    progress_option,
+    seed_option,
+    split_option,
+    threads_option,
+    val_fraction_option,
 )
 
 _ENGINE_HELP = (
@@ -31,13 +37,9 @@ _ENGINE_HELP = (
 
 def _runner_options(func: F) -> F:
     """``--engine --device --precision --threads``, shared by eval and predict."""
-    func = click.option(
-        "--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the runner."
-    )(func)
-    func = click.option(
-        "--precision", default="fp32", show_default=True, help="Runner precision: fp32, fp16, bf16, int8."
-    )(func)
-    func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")(func)
+    func = threads_option()(func)
+    func = precision_option()(func)
+    func = device_option()(func)
     func = click.option("--engine", default=None, metavar="NAME", help=_ENGINE_HELP)(func)
     return func
 
@@ -110,12 +112,8 @@ def _post_options(func: F) -> F:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Dataset root (train/, test_release/, test_image_name_to_ids.json, test_ground_truth.json).",
 )
-@click.option(
-    "--split",
-    type=click.Choice(["val", "test", "train", "all"]),
-    default="val",
-    show_default=True,
-    help="val/train: the seeded split of train/; all: all of train/; test: test_release/ vs test_ground_truth.json.",
+@split_option(
+    "val/train: the seeded split of train/; all: all of train/; test: test_release/ vs test_ground_truth.json."
 )
 @click.option(
     "--max-dets",
@@ -125,14 +123,8 @@ def _post_options(func: F) -> F:
     help="COCOeval's cap: detections scored per image and category (highest scores first).",
 )
 @_post_options
-@click.option(
-    "--val-fraction",
-    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    default=0.2,
-    show_default=True,
-    help="Fraction of train/ held out as val (as in training).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
+@val_fraction_option
+@seed_option()
 @click.option(
     "--iou",
     "iou_types",
@@ -143,9 +135,7 @@ def _post_options(func: F) -> F:
 @_runner_options
 @_loop_options
 @max_pixels_option
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
-)
+@progress_option()
 @json_option
 @overwrite_option
 def eval_cmd(
@@ -264,9 +254,7 @@ def eval_cmd(
 @_runner_options
 @_loop_options
 @max_pixels_option
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
-)
+@progress_option()
 @json_option
 @overwrite_option
 def predict_cmd(

@@ -30,7 +30,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import click
 from click.core import ParameterSource
@@ -43,17 +43,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 # names of parity's tolerance profiles.
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 
-Decorator = Callable[[F], F]
+
+class Decorator(Protocol):
+    """What the option factories return: a decorator that adds one option and keeps the function's type."""
+
+    def __call__(self, func: F, /) -> F: ...
 
 
-def seed_option(help: str = "Seed of the train/val split.", default: int | None = 0) -> Decorator[F]:
+def seed_option(help: str = "Seed of the train/val split.", default: int | None = 0) -> Decorator:
     """``--seed N``; ``help`` says what it seeds (the train/val split unless told otherwise)."""
     return click.option("--seed", type=int, default=default, show_default=default is not None, help=help)
 
 
 def device_option(
     help: str = "cpu, cuda or cuda:N.", default: str | None = "cpu", metavar: str | None = None
-) -> Decorator[F]:
+) -> Decorator:
     """``--device D``: where the model runs (``cpu``, ``cuda`` or ``cuda:N``)."""
     return click.option(
         "--device", default=default, show_default=default is not None, metavar=metavar, help=help
@@ -64,7 +68,7 @@ def split_option(
     help: str = "Which images: all of train/, the seeded train or val split of train/ (as in training), or "
     "test (test_release/ with test_ground_truth.json).",
     default: str = "val",
-) -> Decorator[F]:
+) -> Decorator:
     """``--split S``: one of :data:`~cellseg_deploy.data.layout.SPLITS`, offered in that order by every command."""
     return click.option("--split", type=click.Choice(SPLITS), default=default, show_default=True, help=help)
 
@@ -80,14 +84,14 @@ def val_fraction_option(func: F) -> F:
     )(func)
 
 
-def limit_option(help: str = "Use only the first N images.") -> Decorator[F]:
+def limit_option(help: str = "Use only the first N images.") -> Decorator:
     """``--limit N``: only the first N images (of the split, the folder, ...; ``help`` says of what)."""
     return click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N", help=help)
 
 
 def precision_option(
     help: str = "Runner precision (each runner accepts some of these).", default: str | None = "fp32"
-) -> Decorator[F]:
+) -> Decorator:
     """``--precision P``: one of :data:`PRECISIONS`."""
     return click.option(
         "--precision",
@@ -98,12 +102,12 @@ def precision_option(
     )
 
 
-def threads_option(help: str = "CPU threads per runner. Default: the backend's own.") -> Decorator[F]:
+def threads_option(help: str = "CPU threads per runner. Default: the backend's own.") -> Decorator:
     """``--threads N`` (N >= 1): intra-op CPU threads of each runner."""
     return click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help=help)
 
 
-def progress_option(default: bool = True) -> Decorator[F]:
+def progress_option(default: bool = True) -> Decorator:
     """``--progress/--no-progress``: progress bars on stderr."""
     return click.option(
         "--progress/--no-progress", default=default, show_default=True, help="Show progress bars on stderr."
@@ -143,7 +147,7 @@ def max_pixels_option(func: F) -> F:
     )(func)
 
 
-def deprecated_alias(old: str, new: str, dest: str, type: Any = None) -> Decorator[F]:
+def deprecated_alias(old: str, new: str, dest: str, type: Any = None) -> Decorator:
     """Keep ``old`` working as a hidden, deprecated spelling of option ``new`` (parameter ``dest``).
 
     The alias takes the same ``type`` as ``new``; given alone it fills ``dest`` and prints one line on stderr
@@ -167,7 +171,9 @@ def deprecated_alias(old: str, new: str, dest: str, type: Any = None) -> Decorat
                 click.echo(f"warning: {old} is deprecated; use {new} (same meaning)", err=True)
             return func(*args, **kwargs)
 
-        aliased = click.option(old, alias_dest, type=type, default=None, hidden=True)(wrapper)
+        aliased = click.option(
+            old, alias_dest, type=type, default=None, hidden=True, help=f"Deprecated spelling of {new}."
+        )(wrapper)
         return cast(F, aliased)
 
     return decorate

@@ -10,12 +10,21 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import (
-    check_outputs,
+from cellseg_deploy.cli.common import check_outputs, write_json_result
+from cellseg_deploy.cli.options import (
+    PRECISIONS,
+    deprecated_alias,
+    device_option,
     json_option,
+    limit_option,
     max_pixels_option,
     overwrite_option,
-    write_json_result,
+    precision_option,
+    progress_option,
+    seed_option,
+    split_option,
+    threads_option,
+    val_fraction_option,
 )
 from cellseg_deploy.errors import CheckFailed
 from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
@@ -50,23 +59,14 @@ from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
     type=click.Path(path_type=Path),
     help="Dataset root in the competition layout (train/<id>/image.tif + classK.tif, ...).",
 )
-@click.option(
-    "--images", type=click.IntRange(min=1), default=None, help="Compare only the first N images of the split."
+@limit_option("Compare only the first N images of the split.")
+@deprecated_alias("--images", "--limit", "limit", type=click.IntRange(min=1))
+@split_option()
+@precision_option(
+    "The candidate's precision: the tolerance profile, and the candidate runner's precision (fp32 when the "
+    "runner has not this one)."
 )
-@click.option(
-    "--split",
-    type=click.Choice(["val", "train", "all", "test"]),
-    default="val",
-    show_default=True,
-    help="Which images: the seeded val split of train/ (as in training), train, all, or test.",
-)
-@click.option(
-    "--profile",
-    type=click.Choice(["fp32", "fp16", "bf16", "int8"]),
-    default="fp32",
-    show_default=True,
-    help="Tolerance profile, by the candidate's precision (also the candidate runner's precision).",
-)
+@deprecated_alias("--profile", "--precision", "precision", type=click.Choice(PRECISIONS))
 @click.option(
     "--tol",
     "tols",
@@ -95,28 +95,18 @@ from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
     show_default=True,
     help="Fewest instances scoring >= --score-thresh (both sides together) a verdict may rest on; fewer fail.",
 )
-@click.option(
-    "--device", default="cpu", show_default=True, help="Device of both runners: cpu, cuda or cuda:N."
-)
+@device_option("Device of both runners: cpu, cuda or cuda:N.")
 @click.option("--candidate-device", default=None, help="Device of the candidate, if other than --device.")
 @click.option(
-    "--precision",
-    "candidate_precision",
+    "--candidate-precision",
+    type=click.Choice(PRECISIONS),
     default=None,
-    help="The candidate runner's precision (default: the profile's if the runner has it, else fp32).",
+    help="Run the candidate at this precision but judge it by --precision's tolerances (rarely needed).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for each runner.")
-@click.option(
-    "--val-fraction",
-    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    default=0.2,
-    show_default=True,
-    help="Fraction of train/ held out as val (as in training).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
-)
+@threads_option("CPU threads for each runner. Default: the backend's own.")
+@val_fraction_option
+@seed_option()
+@progress_option()
 @click.option(
     "--overlays",
     "overlays_dir",
@@ -134,9 +124,9 @@ def parity_cmd(
     engine: str,
     reference_engine: str,
     data_root: Path,
-    images: int | None,
+    limit: int | None,
     split: str,
-    profile: str,
+    precision: str,
     tols: tuple[str, ...],
     score_thresh: float,
     min_iou: float,
@@ -163,11 +153,11 @@ def parity_cmd(
 
     \b
     Examples:
-        cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.onnx --data data/hw3 --images 20
+        cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.onnx --data data/hw3 --limit 20
         cellseg-deploy parity runs/r50/best.pt --candidate models/r50-trt/engines.json --engine trt \\
-            --data data/hw3 --device cuda --profile fp16 --tol max_box_diff=6 --json parity.json
-        cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.int8.xml --engine openvino --profile int8 \\
-            --data data/hw3 --overlays runs/parity-int8
+            --data data/hw3 --device cuda --precision fp16 --tol max_box_diff=6 --json parity.json
+        cellseg-deploy parity runs/tiny/best.pt --candidate models/tiny.int8.xml --engine openvino \\
+            --precision int8 --data data/hw3 --overlays runs/parity-int8
     """
     check_outputs(
         {"--json": json_path, "--overlays": overlays_dir},
@@ -182,9 +172,9 @@ def parity_cmd(
         candidate,
         engine,
         data_root,
-        images=images,
+        images=limit,
         split=split,
-        profile=profile,
+        profile=precision,
         tolerances=parse_tolerances(tols),
         reference_engine=reference_engine,
         score_thresh=score_thresh,

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import check_outputs, json_option, overwrite_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, write_json_result
+from cellseg_deploy.cli.options import (
+    json_option,
+    limit_option,
+    overwrite_option,
+    progress_option,
+    seed_option,
+    split_option,
+    threads_option,
+    val_fraction_option,
+)
 
 DEFAULT_ENGINES = "torch,onnx,openvino,openvino:bf16,openvino:int8,staged-onnx"
 
@@ -47,12 +57,8 @@ DEFAULT_ENGINES = "torch,onnx,openvino,openvino:bf16,openvino:int8,staged-onnx"
     default=None,
     help="Folder for the exported models (reused while the checkpoint is unchanged). [default: OUT/models]",
 )
-@click.option(
-    "--split",
-    type=click.Choice(["val", "train", "all", "test"]),
-    default="val",
-    show_default=True,
-    help="Images of accuracy and parity: the seeded val split of train/ (as in training), train, all or test.",
+@split_option(
+    "Images of accuracy and parity: the seeded val split of train/ (as in training), train, all or test."
 )
 @click.option(
     "--max-dets", type=click.IntRange(min=1), default=100, show_default=True, help="COCOeval detection cap."
@@ -64,16 +70,14 @@ DEFAULT_ENGINES = "torch,onnx,openvino,openvino:bf16,openvino:int8,staged-onnx"
     show_default=True,
     help="Fewest instances (both sides, scoring >= 0.5) a parity verdict may rest on.",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for each runner.")
+@threads_option("CPU threads for each runner. Default: the backend's own.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed rounds.")
 @click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True, help="Measured rounds.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Benchmark at most N images.")
+@limit_option("Benchmark only the first N images.")
 @click.option("--no-memory", is_flag=True, help="Skip the per-engine peak-memory probes (fresh processes).")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="As in training.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val split.")
-@click.option(
-    "--progress/--no-progress", default=False, show_default=True, help="Show progress bars on stderr."
-)
+@val_fraction_option
+@seed_option()
+@progress_option(default=False)
 @overwrite_option
 @json_option
 def scorecard_cmd(

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from cellseg_deploy.cli.common import check_outputs, json_option, write_json_result
+from cellseg_deploy.cli.common import check_outputs, write_json_result
+from cellseg_deploy.cli.options import device_option, json_option, progress_option, seed_option
 
 
 @click.command("train")
@@ -40,7 +41,7 @@ from cellseg_deploy.cli.common import check_outputs, json_option, write_json_res
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (mid-epoch too).")
 @click.option("--overwrite", is_flag=True, help="Start a new run in an --out that already holds one.")
-@click.option("--device", default=None, metavar="cpu|cuda|cuda:N", help="Shortcut for --set train.device=...")
+@device_option("Shortcut for --set train.device=...", default=None, metavar="cpu|cuda|cuda:N")
 @click.option(
     "--pretrained",
     type=click.Choice(["none", "coco", "imagenet"]),
@@ -60,10 +61,8 @@ from cellseg_deploy.cli.common import check_outputs, json_option, write_json_res
     default=None,
     help="Local ImageNet backbone state dict (e.g. resnet50-*.pth) to start from.",
 )
-@click.option("--seed", type=int, default=None, help="Shortcut for --set seed=N.")
-@click.option(
-    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
-)
+@seed_option("Shortcut for --set seed=N.", default=None)
+@progress_option()
 @json_option
 def train_cmd(
     data_root: Path,

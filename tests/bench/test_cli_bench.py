@@ -29,7 +29,7 @@ def test_bench_torch_and_onnx_writes_every_report(
     images = (
         ["--data", str(data_root), "--limit", "2"]
         if data_root
-        else ["--imgsz", "160", "--cells", "20", "--images", "1"]
+        else ["--imgsz", "160", "--cells", "20", "--synthetic-images", "1"]
     )
     rc, stdout, stderr = _run(
         [

@@ -155,7 +155,8 @@ def _tokens(text: str) -> list[str]:
 def check_example(group: click.Group, text: str, *, inline: bool = False) -> list[str]:
     """Problems of one example against the command tree (empty: it fits).
 
-    Checks: every word before the options names a (sub)command; every option exists and has its values;
+    Checks: every word before the options names a (sub)command; every option exists, is not a hidden
+    (deprecated) spelling, and has its values;
     no extra arguments; every required option and argument is given; values of choice / int / float options
     convert. A bare group (``cellseg-deploy data``) or the program alone is a reference, not checked further.
 
@@ -207,6 +208,8 @@ def check_example(group: click.Group, text: str, *, inline: bool = False) -> lis
     for param in cmd.params:
         value = opts.get(param.name) if param.name else None
         given = value is not None and value != ()
+        if given and isinstance(param, click.Option) and param.hidden:
+            problems.append(f"{' '.join(path)}: {param.opts[0]}: {param.help or 'a hidden option'}")
         if param.required and not given:
             what = "argument" if isinstance(param, click.Argument) else "option"
             problems.append(f"{' '.join(path)}: required {what} {param.human_readable_name} is missing")
@@ -230,6 +233,8 @@ def _check_mention(cmd: click.Command, ctx: click.Context, path: list[str], args
     value = inline_value or (args[1] if len(args) == 2 else None)
     for param in cmd.params:
         if isinstance(param, click.Option) and name in (*param.opts, *param.secondary_opts):
+            if param.hidden:
+                return [f"{' '.join(path)}: {name}: {param.help or 'a hidden option'}"]
             if (
                 value is not None
                 and not _PLACEHOLDER.match(value)

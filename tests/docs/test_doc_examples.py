@@ -56,6 +56,13 @@ def test_every_help_example_fits_the_cli() -> None:
         ("cellseg-deploy benchmark --engine torch", "benchmark"),  # no such command
         ("cellseg-deploy data to-coco ROOT --out a.json extra", "extra"),  # extra argument
         ("cellseg-deploy train --data d --recipe tiny_cpu", "out"),  # the cpu-fast-path.md mistake
+        # deprecated spellings still run, but the docs must teach the new ones
+        (
+            "cellseg-deploy parity ckpt.pt --candidate m.onnx --data d --images 3",
+            "Deprecated spelling of --limit",
+        ),
+        ("cellseg-deploy parity ckpt.pt --candidate m.onnx --data d --profile fp16", "--precision"),
+        ("cellseg-deploy bench --untrained tiny --images 4", "--synthetic-images"),
     ],
 )
 def test_a_made_up_example_that_does_not_fit_is_caught(text: str, expected: str) -> None:

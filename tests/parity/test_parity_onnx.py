@@ -48,7 +48,7 @@ def test_onnx_runtime_matches_pytorch_fp32(parity_model: ParityModel, parity_onn
 def _cli_parity(m: ParityModel, candidate: Path, out: Path, *extra: str) -> tuple[int, dict[str, Any]]:
     args = ["parity", str(m.checkpoint), "--candidate", str(candidate), "--data", str(m.data_root)]
     args += [
-        "--images",
+        "--limit",
         "3",
         "--score-thresh",
         str(m.score_thresh),
@@ -191,7 +191,7 @@ def test_nothing_above_the_threshold_fails_in_one_line(
 ) -> None:
     m = parity_model
     argv = ["parity", str(m.checkpoint), "--candidate", str(parity_onnx), "--data", str(m.data_root)]
-    argv += ["--images", "2", "--score-thresh", "1.0", "--no-progress", "--json", str(tmp_path / "r.json")]
+    argv += ["--limit", "2", "--score-thresh", "1.0", "--no-progress", "--json", str(tmp_path / "r.json")]
     assert main(argv) == 1
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is False and report["overall"]["n_ref"] == report["overall"]["n_cand"] == 0
