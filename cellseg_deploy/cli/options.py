@@ -2,21 +2,17 @@
 
 Every command that takes one of these takes it from here (see "Command-line conventions" in the README):
 
-==========================  ===================================================================================
-``--seed N``                a seed; what it seeds (the train/val split, synthetic images, ...) is in each help
-``--device D``              ``cpu``, ``cuda`` or ``cuda:N``
-``--split S``               the images of a dataset: one of :data:`~cellseg_deploy.data.layout.SPLITS`
-``--val-fraction F``        share of ``train/`` held out as val (as in training)
-``--limit N``               only the first N images
-``--precision P``           one of :data:`PRECISIONS`; in an ``--engine`` list ``engine:precision`` is the
-                            same choice made per engine
-``--threads N``             CPU threads per runner
-``--progress/--no-progress``  progress bars on stderr
-``--json PATH``             also write the machine-readable result
-``--overwrite``             replace outputs that already exist
-``--max-pixels N``          refuse larger images from their header
-``--verbose``/``-v``        tracebacks and debug logging; before or after the subcommand
-==========================  ===================================================================================
+- ``--seed N``: a seed; each command's help says what it seeds (the train/val split, synthetic images, ...).
+- ``--device D``: ``cpu``, ``cuda`` or ``cuda:N``.
+- ``--split S``: the images of a dataset, one of :data:`~cellseg_deploy.data.layout.SPLITS` (in that order).
+- ``--val-fraction F``: share of ``train/`` held out as val (as in training).
+- ``--limit N``: only the first N images.
+- ``--precision P``: one of :data:`PRECISIONS`; inside an ``--engine`` list, ``engine:precision`` makes the
+  same choice per engine.
+- ``--threads N``: CPU threads of each runner.
+- ``--progress/--no-progress``: progress bars on stderr.
+- ``--json PATH``, ``--overwrite``, ``--max-pixels N``: the result as JSON, replacing outputs, the image limit.
+- ``--verbose``/``-v``: tracebacks and debug logging, before or after the subcommand.
 
 Each decorator adds one ``click.option``; the factories take the few things that differ between commands
 (a default, the help's last words) and nothing that would make one spelling mean two things.
