@@ -64,6 +64,16 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map user errors to one stderr line and exit 2, failed checks to exit 1."""
     reset_verbose()
+    root = logging.getLogger()
+    level = root.level
+    try:
+        return _run(argv)
+    finally:  # --verbose lasts one invocation (tests call main in-process, one after another)
+        root.setLevel(level)
+        reset_verbose()
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="cellseg-deploy", standalone_mode=False)
     except click.exceptions.Abort:

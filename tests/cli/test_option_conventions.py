@@ -7,6 +7,7 @@ traceback of ``--verbose`` given after the subcommand.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -237,3 +238,10 @@ def test_without_verbose_there_is_no_traceback(cli: Callable[..., Result], tmp_p
     assert "Traceback" in first.err
     result = cli("data", "check", str(tmp_path / "no-such-data"))  # the earlier --verbose does not linger
     assert result.code == 2 and "Traceback" not in result.err and len(result.err_lines) == 1
+
+
+def test_verbose_lasts_one_invocation(cli: Callable[..., Result], tmp_path: Path) -> None:
+    root = logging.getLogger()
+    before = root.level
+    cli("data", "check", str(tmp_path / "no-such-data"), "-v")
+    assert root.level == before  # the debug level of --verbose does not leak into the next command
