@@ -30,6 +30,54 @@ def _has_bf16() -> bool:
     return "BF16" in cpu_capabilities()["capabilities"]
 
 
+@pytest.mark.parametrize("size", [(165, 283), (296, 188), (165, 165)])
+def test_fp32_matches_pytorch_where_float32_size_arithmetic_is_one_pixel_short(
+    fast_checkpoint: Path, fast_onnx: Path, size: tuple[int, int]
+) -> None:
+    """``side * scale`` is a whole number for these sizes (165 * 256/165 = 256): in float32 it is 255.99998,
+    and OpenVINO resized such images to 255 px (every box moved) until the runner fed the size itself."""
+    import numpy as np
+
+    from cellseg_deploy.backends.onnxrt.export import compare_raw_outputs
+    from cellseg_deploy.data.synth import fluorescence_cell_image
+
+    h, w = size
+    scale = np.float32(256) / np.float32(min(h, w))
+    assert int(np.floor(np.float32(min(h, w)) * scale)) == 255  # the precondition: float32 is one short
+    image = fluorescence_cell_image(h, w, seed=5, n_cells=30)
+    with (
+        create_runner("torch", fast_checkpoint, threads=1) as ref,
+        create_runner("openvino", fast_onnx, precision="fp32", threads=1) as cand,
+    ):
+        assert cand.info()["resize_size_from_host"] is True
+        r, c = ref.infer(image), cand.infer(image)
+    assert len(r) > 0
+    cmp = compare_raw_outputs(_raw(r), _raw(c))
+    assert cmp["ok"], cmp["reason"]
+    assert cmp["max_box_diff"] < 0.05 and cmp["max_score_diff"] < 1e-3, cmp
+
+
+def test_eager_resized_size_is_torchvisions() -> None:
+    """The size the runner feeds is the size eager torchvision resizes to, for many shapes and both limits."""
+    import torch
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from cellseg_deploy.backends.openvino.ir import eager_resized_size
+
+    rng = np.random.default_rng(0)
+    shapes = [
+        (165, 283),
+        (296, 188),
+        (2500, 1900),
+        *(tuple(s) for s in rng.integers(8, 1500, (60, 2))),
+    ]
+    for min_size, max_size in [(256, 512), (800, 1333)]:
+        transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3).eval()
+        for h, w in shapes:
+            resized, _ = transform.resize(torch.zeros(3, int(h), int(w)), None)
+            assert eager_resized_size(int(h), int(w), min_size, max_size) == tuple(resized.shape[-2:]), (h, w)
+
+
 def test_registered_and_lazy() -> None:
     assert "openvino" in list_runners()
     cls = get_runner_class("openvino")

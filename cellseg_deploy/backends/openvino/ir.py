@@ -5,11 +5,14 @@
 - :func:`read_quantisation`: the ``rt_info[cellseg_int8]`` record written by :mod:`~cellseg_deploy.backends.openvino.int8`.
 - :func:`repair_empty_branches`: makes "no detection" give ``N = 0`` rows (OpenVINO alone returns one garbage row).
 - :func:`keep_roi_coordinates_fp32`: keeps RoIAlign's box coordinates fp32 under the bf16 hint.
+- :func:`feed_resize_size_from_host`: the resize size becomes an input the runner computes in float64 (the
+  CPU plugin runs the graph's float64 size arithmetic in float32, one pixel short for some image sizes).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -86,9 +89,8 @@ def keep_roi_coordinates_fp32(model: Any) -> int:
     layer or matrix product (``Graph::EnforceInferencePrecision``). The final boxes are in that tail; the copy
     of them that ``MultiScaleRoIAlign`` concatenates with the batch index and splits per pyramid level is not
     (it reaches the outputs only through the mask head's convolutions). So RoIAlign sampled at coordinates
-    rounded to bf16's 8 significant bits: 1 px steps from 128 px, 2 px from 256, 4 px from 512. Measured on a
-    trained R50-FPN, 800 x 800 px with 500 cells: mask disagreement with fp32 grew from 4 % of the 28 x 28
-    mask for cells near the origin to 14 % beyond 512 px, and segm AP fell from 0.496 to 0.423.
+    rounded to bf16's 8 significant bits: 1 px steps from 128 px, 2 px from 256, 4 px from 512, so masks and
+    segm AP got worse the farther a cell lies from the image origin (the figures are in docs/cpu-fast-path.md).
 
     Declaring each RoIAlign's ``rois`` input a model output puts that path in the tail, so it stays fp32 (a
     ``[R, 4]`` tensor: no measurable cost). The extra outputs are not read. Modifies ``model`` in place.
@@ -97,3 +99,52 @@ def keep_roi_coordinates_fp32(model: Any) -> int:
     if rois:
         model.add_outputs(rois)
     return len(rois)
+
+
+RESIZE_SIZE_INPUT = "resized_size"
+"""The input :func:`feed_resize_size_from_host` adds: int64 ``[2]``, the resized image's height and width."""
+
+
+def feed_resize_size_from_host(model: Any) -> bool:
+    """Make the resize size an input (:data:`RESIZE_SIZE_INPUT`) instead of a value the graph computes.
+
+    The single-graph export computes the size of the resized image as eager torchvision does, in float64
+    (``floor(side * min(min_size / short, max_size / long))``, see the ONNX export's resize). OpenVINO's CPU
+    plugin has no float64 kernels and runs that arithmetic in float32, where ``165 * (256 / 165)`` is
+    ``255.99998``: the image is resized to 255 px instead of 256 and every box, score and mask of such an image
+    moves (the images whose side ``* scale`` is a whole number in exact arithmetic). ONNX Runtime runs float64 and
+    is not affected. The runner computes the size with :func:`eager_resized_size` and feeds it; the graph's own
+    size computation is left without consumers and dropped at compile time.
+
+    Returns whether the size computation was found (``Floor`` in float64 feeding one ``Convert`` to int64).
+    """
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Floor" or op.get_output_element_type(0) != ov.Type.f64:
+            continue
+        targets = list(op.output(0).get_target_inputs())
+        convert = targets[0].get_node() if len(targets) == 1 else None
+        if (
+            convert is None
+            or convert.get_type_name() != "Convert"
+            or convert.get_output_element_type(0) != ov.Type.i64
+        ):
+            continue
+        size = ops.parameter([2], ov.Type.i64, name=RESIZE_SIZE_INPUT)
+        size.output(0).get_tensor().set_names({RESIZE_SIZE_INPUT})
+        for consumer in list(convert.output(0).get_target_inputs()):
+            consumer.replace_source_output(size.output(0))
+        model.add_parameters([size])
+        model.validate_nodes_and_infer_types()
+        return True
+    return False
+
+
+def eager_resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The size eager torchvision resizes an ``height x width`` image to (``GeneralizedRCNNTransform``, no
+    ``fixed_size``): Python floats (float64) throughout, as ``interpolate(scale_factor=...,
+    recompute_scale_factor=True)`` computes it."""
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)

@@ -42,6 +42,9 @@ import numpy as np
 
 from cellseg_deploy.backends.base import Runner, check_static_size
 from cellseg_deploy.backends.openvino.ir import (
+    RESIZE_SIZE_INPUT,
+    eager_resized_size,
+    feed_resize_size_from_host,
     keep_roi_coordinates_fp32,
     read_provenance,
     repair_empty_branches,
@@ -156,6 +159,8 @@ class OpenVINORunner(Runner):
         self.metadata = read_provenance(model)
         self._check_signature(model)
         self.repaired_branches = repair_empty_branches(model)
+        self.resize_limits = _resize_limits(self.metadata)
+        self.host_resize = self.resize_limits is not None and feed_resize_size_from_host(model)
         hint = self._check_quantisation(model, capabilities)
         self.fp32_roi_inputs = keep_roi_coordinates_fp32(model) if hint != "f32" else 0
         if hint == "bf16" and "BF16" not in capabilities:
@@ -262,7 +267,12 @@ class OpenVINORunner(Runner):
         t0 = time.perf_counter()
         feed = np.ascontiguousarray(image, dtype=np.uint8)
         t1 = time.perf_counter()
-        result = self.request.infer({0: feed})
+        inputs: dict[Any, np.ndarray] = {0: feed}
+        if self.host_resize:
+            assert self.resize_limits is not None
+            size = eager_resized_size(height, width, *self.resize_limits)
+            inputs[RESIZE_SIZE_INPUT] = np.array(size, dtype=np.int64)
+        result = self.request.infer(inputs)
         boxes, labels, scores, masks = (np.array(result[self.outputs[n]]) for n in OUTPUT_NAMES)
         t2 = time.perf_counter()
         if len(boxes) == 0:
@@ -287,6 +297,7 @@ class OpenVINORunner(Runner):
             "compile_s": round(getattr(self, "compile_s", 0.0), 3),
             "repaired_empty_branches": getattr(self, "repaired_branches", None),
             "fp32_roi_inputs": getattr(self, "fp32_roi_inputs", None),
+            "resize_size_from_host": getattr(self, "host_resize", None),
         }
         if getattr(self, "quantisation", None) is not None:
             info["quantisation"] = self.quantisation
@@ -301,3 +312,14 @@ class OpenVINORunner(Runner):
             if key in meta:
                 info[key] = meta[key]
         return info
+
+
+def _resize_limits(metadata: dict[str, Any]) -> tuple[int, int] | None:
+    """``(min_size, max_size)`` of the exported model's resize, from its provenance; ``None`` when unknown."""
+    config = metadata.get("model_config")
+    if not isinstance(config, dict):
+        return None
+    try:
+        return int(config["min_size"]), int(config["max_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
