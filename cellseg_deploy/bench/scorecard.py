@@ -72,6 +72,8 @@ class ScorecardRequest:
         max_dets: COCOeval's cap on detections per image and category.
         score_thresh / min_iou / min_instances: parity's settings (:func:`~cellseg_deploy.evaluation.parity.compare_runs`).
         threads: intra-op CPU threads of every runner (``None``: each backend's default).
+        device: where every runner runs, ``"cpu"`` or ``"cuda[:N]"`` (normalised: ``"cuda"`` -> ``"cuda:0"``);
+            the same device for accuracy, parity and the benchmark.
         warmup / iters: benchmark rounds; bench_limit: at most this many benchmark images.
         memory: measure each engine's peak memory in a fresh process.
         progress: progress bars on stderr.
@@ -90,6 +92,7 @@ class ScorecardRequest:
     min_iou: float = 0.5
     min_instances: int = 20
     threads: int | None = None
+    device: str = "cpu"
     warmup: int = 1
     iters: int = 5
     bench_limit: int | None = None
@@ -97,6 +100,9 @@ class ScorecardRequest:
     progress: bool = False
 
     def __post_init__(self) -> None:
+        from cellseg_deploy.backends.devices import device_name
+
+        object.__setattr__(self, "device", device_name(self.device))  # a bad name: one-line ConfigError
         if not self.engines:
             raise ConfigError("no engine given; pass --engine torch,onnx,...")
         if self.iters < 1 or self.warmup < 0:
@@ -220,6 +226,7 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
                 warmup=request.warmup,
                 iters=request.iters,
                 threads=request.threads,
+                device=request.device,
                 memory=request.memory,
                 progress=request.progress,
             ),
@@ -277,7 +284,9 @@ def _predict_split(
     from cellseg_deploy.backends import create_runner
     from cellseg_deploy.evaluation.predict import run_dataset
 
-    with create_runner(runner, model_path, precision=precision, threads=request.threads) as r:
+    with create_runner(
+        runner, model_path, device=request.device, precision=precision, threads=request.threads
+    ) as r:
         gt, preds = run_dataset(
             r,
             request.data,
@@ -397,6 +406,16 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return out
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """What ``cellseg-deploy scorecard`` prints (and the demo at its end): the one table as aligned text,
+    then one ``skipped ENGINE: why`` line per engine that could not run here."""
+    from cellseg_deploy.tables import format_table
+
+    lines = [format_table(table_rows(result), HEADERS)]
+    lines += [f"skipped {label}: {reason}" for label, reason in result["skipped"].items()]
+    return "\n".join(lines)
 
 
 def markdown_report(result: dict[str, Any], chart: str | None = None) -> str:

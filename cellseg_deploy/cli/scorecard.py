@@ -12,6 +12,7 @@ import click
 
 from cellseg_deploy.cli.common import check_outputs, write_json_result
 from cellseg_deploy.cli.options import (
+    device_option,
     json_option,
     limit_option,
     overwrite_option,
@@ -71,6 +72,7 @@ DEFAULT_ENGINES = "torch,onnx,openvino,openvino:bf16,openvino:int8,staged-onnx"
     help="Fewest instances (both sides, scoring >= 0.5) a parity verdict may rest on.",
 )
 @threads_option("CPU threads for each runner. Default: the backend's own.")
+@device_option("cpu, cuda or cuda:N: where every engine predicts and is benchmarked.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed rounds.")
 @click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True, help="Measured rounds.")
 @limit_option("Benchmark only the first N images.")
@@ -90,6 +92,7 @@ def scorecard_cmd(
     max_dets: int,
     min_instances: int,
     threads: int | None,
+    device: str,
     warmup: int,
     iters: int,
     limit: int | None,
@@ -114,6 +117,7 @@ def scorecard_cmd(
         cellseg-deploy scorecard runs/demo/train/best.pt --data runs/demo/data --out runs/scorecard
         cellseg-deploy scorecard runs/r50/best.pt --data data/hw3 --engine torch,onnx,openvino:int8 \\
             --threads 2 --iters 10 --limit 4 --json scorecard.json
+        cellseg-deploy scorecard runs/r50/best.pt --data data/hw3 --engine torch,trt,trt:fp16 --device cuda:0
     """
     check_outputs(
         {
@@ -124,9 +128,8 @@ def scorecard_cmd(
         overwrite=overwrite,
     )
     from cellseg_deploy.bench.runner_bench import parse_engine_specs
-    from cellseg_deploy.bench.scorecard import HEADERS, ScorecardRequest, run_scorecard, table_rows
+    from cellseg_deploy.bench.scorecard import ScorecardRequest, run_scorecard, summary_text
     from cellseg_deploy.errors import CheckFailed
-    from cellseg_deploy.tables import format_table
 
     request = ScorecardRequest(
         checkpoint=checkpoint,
@@ -140,6 +143,7 @@ def scorecard_cmd(
         max_dets=max_dets,
         min_instances=min_instances,
         threads=threads,
+        device=device,
         warmup=warmup,
         iters=iters,
         bench_limit=limit,
@@ -147,9 +151,7 @@ def scorecard_cmd(
         progress=progress,
     )
     result = run_scorecard(request, lambda msg: click.echo(msg, err=True))
-    click.echo(format_table(table_rows(result), HEADERS))
-    for label, reason in result["skipped"].items():
-        click.echo(f"skipped {label}: {reason}")
+    click.echo(summary_text(result))
     click.echo(f"wrote {result['outputs']['markdown']} and {result['outputs']['json']}", err=True)
     write_json_result(json_path, result)
     failed = [r["engine"] for r in result["rows"] if (r.get("parity") or {}).get("verdict") == "FAIL"]

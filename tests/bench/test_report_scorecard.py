@@ -80,6 +80,7 @@ def test_speed_model_size_and_threads(card: dict) -> None:
     assert card["bench"]["threads"] == "1"
     bench = json.loads(Path(card["bench"]["json"]).read_text())
     assert list(bench["engines"]) == ["torch", "onnx"]
+    assert card["request"]["device"] == "cpu" and bench["settings"]["device"] == "cpu"
 
 
 def test_model_size_counts_the_openvino_weights_and_folders(tmp_path: Path) -> None:
@@ -99,3 +100,35 @@ def test_cli_refuses_a_missing_checkpoint_in_one_line(tmp_path: Path, capsys) ->
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nope.pt" in err[0]
+
+
+def test_device_is_normalised_and_a_bad_one_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    from cellseg_deploy.cli.main import main
+    from cellseg_deploy.errors import ConfigError
+
+    def request(device: str) -> ScorecardRequest:
+        return ScorecardRequest(checkpoint=tmp_path / "c.pt", data=tmp_path, engines=("onnx",), device=device)
+
+    assert request("cuda").device == "cuda:0" and request("CPU").device == "cpu"
+    with pytest.raises(ConfigError, match="gpu"):
+        request("gpu")
+    code = main(["scorecard", str(tmp_path / "c.pt"), "--data", str(tmp_path), "--device", "gpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'gpu'" in err[0]
+
+
+def test_cli_device_reaches_the_runners(random_tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """``--device cuda:0`` is the device the reference runner is created on: without a GPU, it says so."""
+    import torch
+
+    from cellseg_deploy.cli.main import main
+    from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CPU-only refusal cannot be seen here")
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, SynthConfig(n_train=2, n_test=1, min_size=64, max_size=96), progress=False)
+    args = ["scorecard", str(random_tiny_checkpoint), "--data", str(data), "--engine", "torch"]
+    code = main([*args, "--split", "all", "--out", str(tmp_path / "o"), "--device", "cuda:0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device 'cuda:0' asked for" in err, err
