@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/cpu_accuracy.py --checkpoint runs/r50/best.pt --data data/synth --out benchmarks/cpu-accuracy
     python benchmarks/cpu_accuracy.py --checkpoint runs/tiny/best.pt --data data/synth --out runs/acc --cases val
+    python benchmarks/cpu_accuracy.py --plot-only --out benchmarks/cpu-accuracy   # redraw ap50.png from summary.json
 
 Writes ``OUT/summary.json`` (every evaluation and parity report), ``OUT/summary.md`` (the tables) and
 ``OUT/ap50.png``. Exit code 0 when every fast path (bf16, int8) of every case keeps its segm AP50 within
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -383,6 +385,20 @@ def plot_ap50(summary: dict[str, Any], path: Path) -> Path:
     return save_png(fig, path, tight=False)
 
 
+def replot(out: Path) -> int:
+    """``--plot-only``: :func:`plot_ap50` of ``out/summary.json`` into ``out/ap50.png``; exit code 0, or 2
+    when there is no readable summary."""
+    source = out / "summary.json"
+    try:
+        summary = json.loads(source.read_text())
+        written = plot_ap50(summary, out / "ap50.png")
+    except (OSError, ValueError, KeyError) as exc:
+        log(f"error: cannot redraw from {source} ({exc}); run the benchmark first")
+        return 2
+    log(f"wrote {written} from {source}")
+    return 0
+
+
 def run(
     checkpoint: Path,
     data: Path,
@@ -448,9 +464,9 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Accuracy of every CPU engine on one trained model.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="trained cellseg-deploy checkpoint (.pt)")
+    p.add_argument("--checkpoint", type=Path, help="trained cellseg-deploy checkpoint (.pt); required to run")
     p.add_argument(
-        "--data", type=Path, required=True, help="its dataset root (the val case and its calibration)"
+        "--data", type=Path, help="its dataset root (the val case and its calibration); required to run"
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/cpu-accuracy"), help="results folder")
     p.add_argument(
@@ -461,7 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads per runner (default: each runner's)")
     p.add_argument("--max-ap50-diff", type=float, default=MAX_AP50_DIFF)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sets")
+    p.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="redraw OUT/ap50.png from OUT/summary.json (a finished run) without running anything",
+    )
     args = p.parse_args(argv)
+    if args.plot_only:
+        return replot(args.out)
+    if args.checkpoint is None or args.data is None:
+        p.error("--checkpoint and --data are required (unless --plot-only)")
     by_name = {c.name: c for c in CASES}
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = [n for n in names if n not in by_name]
