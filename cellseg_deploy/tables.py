@@ -15,6 +15,12 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """A score or AP in a log line or table: ``digits`` decimals, ``n/a`` where there is none (no ground
+    truth, no detections)."""
+    return "n/a" if value is None else f"{float(value):.{digits}f}"
+
+
 def format_table(rows: list[list[Any]], headers: list[str]) -> str:
     """``rows`` as an aligned plain-text table (two spaces between columns, a dashed rule under the header)."""
     cells = [[format_cell(v) for v in row] for row in rows]

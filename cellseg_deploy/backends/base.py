@@ -30,8 +30,6 @@ from cellseg_deploy.errors import ModelFileError, UserError
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
 from cellseg_deploy.structures import Detections, Instances
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
-
 
 class Runner(abc.ABC):
     """Base class of every backend runner (see the module docstring).

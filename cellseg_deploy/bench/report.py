@@ -17,7 +17,6 @@ Plots (matplotlib's Agg canvas, no global pyplot state):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,6 @@ from cellseg_deploy.bench.runner_bench import STAGES
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
 from cellseg_deploy.plots import new_figure, save_png
 from cellseg_deploy.tables import format_table, markdown_table
-
-STAGE_ORDER: tuple[str, ...] = STAGES
 
 MAIN_HEADERS = [
     "engine",
@@ -47,7 +44,7 @@ MAIN_HEADERS = [
     "peak RSS MB",
     "+model MB",
 ]
-STAGE_HEADERS = ["engine", *[f"{s} ms" for s in STAGE_ORDER], "total ms"]
+STAGE_HEADERS = ["engine", *[f"{s} ms" for s in STAGES], "total ms"]
 
 
 def _num(v: Any, digits: int = 2) -> str:
@@ -108,7 +105,7 @@ def stage_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for name, e in result["engines"].items():
         means = e["stage_mean_ms"]
-        rows.append([name, *[_num(means.get(s, 0.0)) for s in STAGE_ORDER], _num(e["latency"]["mean_ms"])])
+        rows.append([name, *[_num(means.get(s, 0.0)) for s in STAGES], _num(e["latency"]["mean_ms"])])
     return rows
 
 
@@ -417,14 +414,14 @@ def plot_distribution(result: dict[str, Any], path: Path) -> Path:
 
 
 def stage_segments(entry: dict[str, Any]) -> dict[str, float]:
-    """Mean ms per plotted stage of one engine: :data:`STAGE_ORDER` with a staged runner's host steps
+    """Mean ms per plotted stage of one engine: :data:`STAGES` with a staged runner's host steps
     (:data:`HOST_STEPS` substages) taken out of ``infer_other`` and shown as ``host_steps``."""
     means = dict(entry["stage_mean_ms"])
     sub = entry.get("substages") or {}
     host = sum(float(sub[k]["mean_ms"]) for k in HOST_STEPS if k in sub)
     host = min(host, float(means.get("infer_other", 0.0)))
     out: dict[str, float] = {}
-    for stage in STAGE_ORDER:
+    for stage in STAGES:
         if stage == "infer_other":
             out["host_steps"] = host
             out["infer_other"] = float(means.get("infer_other", 0.0)) - host
@@ -535,9 +532,3 @@ def write_report(result: dict[str, Any], out_dir: Path, stem: str = "bench") -> 
     result["outputs"] = {"json": str(json_path), "markdown": str(md_path), "plots": [str(p) for p in plots]}
     atomic_write_json(json_path, result)
     return {"json": json_path, "markdown": md_path, "plots": plots}
-
-
-def load_result(path: Path) -> dict[str, Any]:
-    """Read a saved benchmark JSON."""
-    data: dict[str, Any] = json.loads(Path(path).read_text())
-    return data

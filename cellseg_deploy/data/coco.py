@@ -14,7 +14,7 @@ sample id to its image id, :func:`train_image_ids`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cellseg_deploy import CLASS_NAMES
 from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
 from cellseg_deploy.data.layout import (
+    DEFAULT_VAL_FRACTION,
     SPLITS,
     TEST_GT_NAME,
     Sample,
@@ -35,9 +36,9 @@ from cellseg_deploy.data.rle import encode_crop, rle_area
 from cellseg_deploy.errors import ConfigError, DataError
 
 
-def categories() -> list[dict[str, Any]]:
-    """COCO categories 1..4 named ``class1`` .. ``class4``."""
-    return [{"id": k, "name": name, "supercategory": "cell"} for k, name in enumerate(CLASS_NAMES, start=1)]
+def categories(class_names: Sequence[str] = CLASS_NAMES) -> list[dict[str, Any]]:
+    """COCO categories ``1..len(class_names)`` (default: the four ``class1`` .. ``class4``), supercategory ``cell``."""
+    return [{"id": k, "name": name, "supercategory": "cell"} for k, name in enumerate(class_names, start=1)]
 
 
 def sample_annotations(sample: Sample, image_id: int, first_ann_id: int) -> list[dict[str, Any]]:
@@ -114,7 +115,9 @@ def train_image_ids(root: str | Path) -> dict[str, int]:
     return {sid: i for i, sid in enumerate(list_train_ids(root), start=1)}
 
 
-def split_ids(root: str | Path, split: str, val_fraction: float = 0.2, seed: int = 0) -> list[str]:
+def split_ids(
+    root: str | Path, split: str, val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0
+) -> list[str]:
     """The training-layout sample ids of ``split`` (``all``, ``train`` or ``val``)."""
     ids = list_train_ids(root)
     if split == "all":
@@ -142,7 +145,7 @@ def iter_samples(
 def dataset_to_coco(
     root: str | Path,
     split: str = "all",
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     progress: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -174,7 +177,9 @@ def dataset_to_coco(
     return samples_to_coco(iter_samples(root, ids, progress, max_pixels), train_image_ids(root))
 
 
-def require_images(gt: Mapping[str, Any], root: str | Path, split: str, val_fraction: float = 0.2) -> None:
+def require_images(
+    gt: Mapping[str, Any], root: str | Path, split: str, val_fraction: float = DEFAULT_VAL_FRACTION
+) -> None:
     """The one rule for an empty split, shared by ``data to-coco`` and ``eval``: it is an error.
 
     Raises:

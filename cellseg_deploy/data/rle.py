@@ -100,11 +100,6 @@ def rle_area(rle: RLE) -> int:
     return int(mask_utils.area(_to_bytes_counts(rle)))
 
 
-def rle_to_bbox_xywh(rle: RLE) -> list[float]:
-    """Tight box ``[x, y, w, h]`` (COCO convention) of the foreground; zeros for an empty mask."""
-    return [float(v) for v in mask_utils.toBbox(_to_bytes_counts(rle))]
-
-
 def rle_iou(a: list[RLE], b: list[RLE]) -> np.ndarray:
     """Mask IoU matrix float64 ``[len(a), len(b)]`` (non-crowd)."""
     if not a or not b:

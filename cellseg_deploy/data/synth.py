@@ -19,6 +19,9 @@ non-contiguous per class file (random gaps), and dense images push them past 255
 
 Everything is drawn from ``numpy.random.default_rng`` streams derived from the seed, and the TIFF writer adds no
 timestamps, so the same seed gives the same bytes.
+
+:func:`fluorescence_cell_image` is a second, simpler look (bright ellipses on a dark background, no ground
+truth): the ONNX export's fallback trace and check images, and test input.
 """
 
 from __future__ import annotations
@@ -246,6 +249,35 @@ def render_image(
         lut[np.array(members) + 1] = ids
         id_masks[k + 1] = lut[owner + 1]
     return SynthImage(rgb, id_masks)
+
+
+def fluorescence_cell_image(
+    height: int, width: int, *, seed: int = 0, n_cells: int = 40, invert: bool = False
+) -> np.ndarray:
+    """A fluorescence-like RGB uint8 ``[height, width, 3]`` image: bright elliptical cells (radius 4 to 14 px,
+    some touching) on a dark, slightly noisy background; ``invert`` gives dark cells on a bright one.
+
+    Not the data set's look (:func:`render_image` draws stained cells on a pale background, with ID masks):
+    an image unlike the training data, with no ground truth, that needs no dataset. The ONNX export traces
+    and self-checks with it when :func:`render_image`'s image gives no detection, and tests use it as input
+    that any model sees cells in. The same arguments give the same pixels (drawn from ``default_rng(seed)``).
+    """
+    rng = np.random.default_rng(seed)
+    canvas = np.full((height, width), 20.0, np.float32)
+    for _ in range(n_cells):
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        ax, ay = rng.uniform(4, 14, size=2)
+        angle = rng.uniform(0, 180)
+        level = float(rng.uniform(120, 240))
+        cv2.ellipse(canvas, (round(cx), round(cy)), (round(ax), round(ay)), angle, 0, 360, level, -1)
+    canvas = np.asarray(cv2.GaussianBlur(canvas, (0, 0), 1.0), np.float32) + rng.normal(
+        0, 4, canvas.shape
+    ).astype(np.float32)
+    if invert:
+        canvas = 255.0 - canvas
+    gray = np.clip(canvas, 0, 255).astype(np.uint8)
+    tint = np.array([0.8, 1.0, 0.9], np.float32)
+    return np.clip(gray[..., None] * tint, 0, 255).astype(np.uint8)
 
 
 def _plan(config: SynthConfig, rng: np.random.Generator, count: int) -> list[tuple[int, int, int]]:

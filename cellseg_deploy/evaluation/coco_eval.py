@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from cellseg_deploy import CLASS_NAMES
+from cellseg_deploy.data.coco import categories
 from cellseg_deploy.data.rle import rle_area
 from cellseg_deploy.errors import ConfigError, DataError
 from cellseg_deploy.structures import Instances
@@ -106,8 +107,9 @@ def predictions_to_results(predictions: Mapping[int, Instances]) -> list[dict[st
 
 
 def coco_categories(class_names: Sequence[str] = CLASS_NAMES) -> list[dict[str, Any]]:
-    """COCO ``categories``: id ``k`` (1-based label) named ``class_names[k - 1]``."""
-    return [{"id": k, "name": name, "supercategory": "cell"} for k, name in enumerate(class_names, start=1)]
+    """COCO ``categories``: id ``k`` (1-based label) named ``class_names[k - 1]``; the one list is
+    :func:`cellseg_deploy.data.coco.categories`."""
+    return categories(class_names)
 
 
 def gt_from_instances(
@@ -212,7 +214,7 @@ class EvalResult:
 
     def table(self) -> str:
         """A readable text report: AP, AP50, AP75 and detections per IoU type, then per-class AP50."""
-        from cellseg_deploy.tables import format_table
+        from cellseg_deploy.tables import format_metric, format_table
 
         iou_types = list(self.metrics)
         lines = [
@@ -223,7 +225,7 @@ class EvalResult:
         rows = [
             [
                 t,
-                *(_fmt(self.metrics[t][k]) for k in _SUMMARY_KEYS),
+                *(format_metric(self.metrics[t][k]) for k in _SUMMARY_KEYS),
                 self.metrics[t]["num_detections"],
                 self.metrics[t]["num_detections_evaluated"],
             ]
@@ -239,7 +241,7 @@ class EvalResult:
             [
                 name,
                 self.num_gt.get(name, 0),
-                *(_fmt(self.metrics[t]["per_class_AP50"][name]) for t in iou_types),
+                *(format_metric(self.metrics[t]["per_class_AP50"][name]) for t in iou_types),
             ]
             for name in self.class_names
         ]
@@ -250,10 +252,6 @@ class EvalResult:
             )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def evaluate(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torchvision.models.detection import MaskRCNN
@@ -33,8 +32,8 @@ from cellseg_deploy.modeling.registry import get_arch
 
 log = logging.getLogger(__name__)
 
-Pretrained = Literal["none", "coco", "imagenet"]
 PRETRAINED_CHOICES: tuple[str, ...] = ("none", "coco", "imagenet")
+"""Values of ``pretrained`` (and of a recipe's ``weights.pretrained``): random, COCO detector or ImageNet backbone."""
 
 
 def starts_trained(

@@ -7,11 +7,13 @@ JSON, YAML recipes and ``torch.load(weights_only=True)`` checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from cellseg_deploy import CLASS_NAMES
 from cellseg_deploy.errors import ConfigError
+from cellseg_deploy.modeling.coerce import coerce
 from cellseg_deploy.modeling.registry import list_architectures
 
 ANCHOR_PRESETS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -129,10 +131,8 @@ class ModelConfig:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ConfigError(f"model: unknown key(s) {unknown}; allowed keys are {sorted(fields)}")
-        kwargs: dict[str, Any] = {}
-        defaults = cls()
-        for name, value in data.items():
-            kwargs[name] = _coerce(name, value, getattr(defaults, name))
+        hints = typing.get_type_hints(cls)
+        kwargs = {name: _coerce(name, value, hints[name]) for name, value in data.items()}
         config = cls(**kwargs)
         config.validate()
         return config
@@ -181,9 +181,9 @@ class ModelConfig:
             raise ConfigError(f"model.frozen_bn_eps: must be >= 0 or null, got {self.frozen_bn_eps}")
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Convert YAML/JSON values (lists) to the field's type; reject wrong types with the key's name."""
-    if name == "anchor_sizes":
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/JSON value (lists) to the field's type; reject wrong types with the key's name."""
+    if name == "anchor_sizes":  # a preset name or sizes: its own message names the presets
         if value is None or isinstance(value, str):
             return value
         if isinstance(value, list | tuple) and all(isinstance(level, list | tuple) for level in value):
@@ -191,43 +191,4 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise ConfigError(
             f"model.anchor_sizes: expected a preset name {sorted(ANCHOR_PRESETS)} or a list of lists of ints, got {value!r}"
         )
-    if name in ("trainable_backbone_layers", "frozen_bn_eps"):
-        if value is None:
-            return None
-        if name == "trainable_backbone_layers" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if name == "frozen_bn_eps" and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        kind = "an integer" if name == "trainable_backbone_layers" else "a number"
-        raise ConfigError(f"model.{name}: expected {kind} or null, got {value!r}")
-    if name == "extra":
-        if not isinstance(value, dict):
-            raise ConfigError(f"model.extra: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"model.{name}: expected a list, got {type(value).__name__} {value!r}")
-        elem_type = type(default[0]) if default else str
-        try:
-            return tuple(elem_type(v) for v in value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"model.{name}: expected a list of {elem_type.__name__}, got {value!r}"
-            ) from exc
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"model.{name}: expected true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"model.{name}: expected an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"model.{name}: expected a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"model.{name}: expected a string, got {value!r}")
-        return value
-    return value
+    return coerce(f"model.{name}", value, tp)

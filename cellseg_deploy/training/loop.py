@@ -55,6 +55,7 @@ from cellseg_deploy.errors import CheckpointError, ConfigError, DataError, UserE
 from cellseg_deploy.io_utils import atomic_write_text
 from cellseg_deploy.modeling import build_model, load_checkpoint, save_checkpoint
 from cellseg_deploy.modeling.builder import resolve_model_config, starts_trained
+from cellseg_deploy.tables import format_metric
 from cellseg_deploy.training.dataset import InstanceDataset, collate, validation_ground_truth
 from cellseg_deploy.training.recipe import Recipe
 from cellseg_deploy.training.schedule import LRSchedule
@@ -732,7 +733,7 @@ class _Run:
         best = self.out_dir / BEST
         self.say(
             f"done ({stop_reason}) after {self.epoch} epochs + {self.step_in_epoch} steps, {self.elapsed():.0f} s; "
-            f"best segm AP50 {_fmt(self.best_metrics.get('segm_AP50'))}: {best}"
+            f"best segm AP50 {format_metric(self.best_metrics.get('segm_AP50'))}: {best}"
         )
         return TrainResult(
             out_dir=self.out_dir,
@@ -839,10 +840,10 @@ class _Run:
                 }
             )
             self.say(
-                f"epoch {self.epoch} step {self.step}: segm AP50 {_fmt(metrics['segm_AP50'])} "
-                f"AP {_fmt(metrics['segm_AP'])} AP75 {_fmt(metrics['segm_AP75'])} | bbox AP50 "
-                f"{_fmt(metrics['bbox_AP50'])} | {metrics['num_detections']} detections"
-                + (" (best)" if improved else f" (best {_fmt(self.best_ap50)})")
+                f"epoch {self.epoch} step {self.step}: segm AP50 {format_metric(metrics['segm_AP50'])} "
+                f"AP {format_metric(metrics['segm_AP'])} AP75 {format_metric(metrics['segm_AP75'])} | bbox AP50 "
+                f"{format_metric(metrics['bbox_AP50'])} | {metrics['num_detections']} detections"
+                + (" (best)" if improved else f" (best {format_metric(self.best_ap50)})")
             )
             patience = r.val.early_stop_patience
             stop = float(patience > 0 and self.bad_validations >= patience)
@@ -854,10 +855,6 @@ class _Run:
         if self.schedule.observe(ap50, r.val.min_delta) and self.info.is_main:
             self.say(f"plateau: learning rate factor now {self.schedule.plateau_factor:g}")
         return bool(stop)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -22,19 +22,20 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from cellseg_deploy.data.layout import DEFAULT_VAL_FRACTION
 from cellseg_deploy.errors import ConfigError
+from cellseg_deploy.modeling.builder import PRETRAINED_CHOICES
+from cellseg_deploy.modeling.coerce import coerce
 from cellseg_deploy.modeling.config import ModelConfig
 
-PRETRAINED = ("none", "coco", "imagenet")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 PRECISIONS = ("auto", "fp32", "amp", "bf16")
@@ -55,7 +56,7 @@ class WeightsSettings:
         pretrained_backbone: a local ImageNet state dict for the backbone trunk, or None.
     """
 
-    pretrained: str = field(default="none", metadata=_choices(*PRETRAINED))
+    pretrained: str = field(default="none", metadata=_choices(*PRETRAINED_CHOICES))
     init: str | None = None
     pretrained_backbone: str | None = None
 
@@ -75,7 +76,7 @@ class DataSettings:
         cache: keep decoded samples in memory after the first epoch (small datasets).
     """
 
-    val_fraction: float = 0.2
+    val_fraction: float = DEFAULT_VAL_FRACTION
     split_seed: int = 0
     max_train_images: int = 0
     max_val_images: int = 0
@@ -307,7 +308,7 @@ class Recipe:
         kwargs: dict[str, Any] = {}
         for key in TOP_LEVEL:
             if key in data:
-                kwargs[key] = _coerce(key, data[key], _field_type(Recipe, key), ())
+                kwargs[key] = coerce(key, data[key], _field_type(Recipe, key), ())
         model = data.get("model") or {}
         if not isinstance(model, Mapping):
             raise ConfigError(f"model: expected a mapping of model settings, got {model!r}")
@@ -352,83 +353,10 @@ def _section_from_dict(section: str, cls: type, data: Any) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(
+        kwargs[name] = coerce(
             f"{section}.{name}", value, hints[name], fields[name].metadata.get("choices", ())
         )
     return cls(**kwargs)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} {_type_name(args[0])}"
-    return {
-        int: "an integer",
-        float: "a number",
-        bool: "true/false",
-        str: "a string",
-        type(None): "null",
-    }.get(tp, str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any, choices: Sequence[str]) -> Any:
-    """Convert a YAML value to the annotated type ``tp``; raise ConfigError naming ``key`` otherwise."""
-
-    def bad() -> ConfigError:
-        expected = f"one of {list(choices)}" if choices else _type_name(tp)
-        return ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg, choices)
-            except ConfigError:
-                continue
-        raise bad()
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise bad()
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(key, v, args[0], ()) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return tuple(_coerce(key, v, a, ()) for v, a in zip(value, args, strict=True))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad()
-        if choices and value not in choices:
-            raise ConfigError(f"{key}: unknown value {value!r}; expected one of {list(choices)}")
-        return value
-    raise bad()  # pragma: no cover - every annotated type is handled above
 
 
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:

@@ -23,13 +23,13 @@ from cellseg_deploy.backends.onnxrt.export import ExportResult
 @pytest.fixture(scope="session")
 def cell_images() -> dict[str, np.ndarray]:
     """The images the hard-case tests run (name -> RGB uint8)."""
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
     return {
-        "tiny 33x35": synthetic_cell_image(33, 35, seed=3, n_cells=3),
-        "large 2500x1900": synthetic_cell_image(2500, 1900, seed=4, n_cells=500),
-        "non-square 180x620": synthetic_cell_image(180, 620, seed=5, n_cells=40),
-        "dense 512x512, 700 cells": synthetic_cell_image(512, 512, seed=6, n_cells=700),
+        "tiny 33x35": fluorescence_cell_image(33, 35, seed=3, n_cells=3),
+        "large 2500x1900": fluorescence_cell_image(2500, 1900, seed=4, n_cells=500),
+        "non-square 180x620": fluorescence_cell_image(180, 620, seed=5, n_cells=40),
+        "dense 512x512, 700 cells": fluorescence_cell_image(512, 512, seed=6, n_cells=700),
     }
 
 
@@ -38,7 +38,7 @@ def dense_checkpoint(tmp_path_factory: pytest.TempPathFactory, cell_images: dict
     """Random tiny checkpoint: 200 detections per image at most, grey images give none (see module doc)."""
     import torch
 
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
     from cellseg_deploy.modeling import ModelConfig, RawMaskRCNN, build_model, save_checkpoint
 
     torch.manual_seed(1)
@@ -49,8 +49,8 @@ def dense_checkpoint(tmp_path_factory: pytest.TempPathFactory, cell_images: dict
         grey_best = float(raw(torch.from_numpy(grey_image()))[2].max())
         cells = [
             *cell_images.values(),
-            synthetic_cell_image(320, 416, seed=0, n_cells=60),
-        ]  # + the trace image
+            fluorescence_cell_image(320, 416, seed=0, n_cells=60),
+        ]  # + the exporter's first fallback trace image
         cells_best = min(float(raw(torch.from_numpy(im))[2].max()) for im in cells)
     assert grey_best < cells_best - 0.005, f"cannot separate grey ({grey_best}) from cells ({cells_best})"
     config = dataclasses.replace(config, score_thresh=round((grey_best + cells_best) / 2, 4))

@@ -145,10 +145,10 @@ def test_image_without_detections(runners: tuple[Runner, Runner]) -> None:
 def test_grayscale_tiff_read_as_three_channels(runners: tuple[Runner, Runner], tmp_path: Path) -> None:
     import tifffile
 
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
     from cellseg_deploy.data.io import read_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
-    gray = synthetic_cell_image(200, 260, seed=9, n_cells=25)[..., 1]
+    gray = fluorescence_cell_image(200, 260, seed=9, n_cells=25)[..., 1]
     path = tmp_path / "gray.tif"
     tifffile.imwrite(path, gray)
     image = read_image(path)

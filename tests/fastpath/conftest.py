@@ -18,12 +18,12 @@ from fastpath_helpers import grey_image
 @pytest.fixture(scope="session")
 def fast_cell_images() -> dict[str, np.ndarray]:
     """Cell images the runner tests use: non-square, odd sizes, one dense."""
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
     return {
-        "cells 200x264": synthetic_cell_image(200, 264, seed=11, n_cells=40),
-        "cells 257x190": synthetic_cell_image(257, 190, seed=12, n_cells=30),
-        "dense 320x320": synthetic_cell_image(320, 320, seed=13, n_cells=300),
+        "cells 200x264": fluorescence_cell_image(200, 264, seed=11, n_cells=40),
+        "cells 257x190": fluorescence_cell_image(257, 190, seed=12, n_cells=30),
+        "dense 320x320": fluorescence_cell_image(320, 320, seed=13, n_cells=300),
     }
 
 
@@ -34,7 +34,7 @@ def fast_checkpoint(
     """Random ``tiny`` checkpoint (input 256 px, at most 150 detections), grey images give none."""
     import torch
 
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
     from cellseg_deploy.modeling import ModelConfig, RawMaskRCNN, build_model, save_checkpoint
 
     torch.manual_seed(2)
@@ -43,7 +43,8 @@ def fast_checkpoint(
     raw = RawMaskRCNN(model).eval()
     with torch.inference_mode():
         grey_best = float(raw(torch.from_numpy(grey_image()))[2].max())
-        trace = synthetic_cell_image(320, 416, seed=0, n_cells=60)  # the exporter's first trace image
+        # the exporter's first fallback trace image
+        trace = fluorescence_cell_image(320, 416, seed=0, n_cells=60)
         cells_best = min(
             float(raw(torch.from_numpy(im))[2].max()) for im in [*fast_cell_images.values(), trace]
         )

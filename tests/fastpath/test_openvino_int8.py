@@ -160,8 +160,8 @@ def test_the_same_inputs_give_the_same_ir_bytes(fast_onnx: Path, tmp_path: Path)
     code = (
         "import sys; from pathlib import Path; "
         "from cellseg_deploy.backends.openvino.int8 import quantize_onnx; "
-        "from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image; "
-        "images = [synthetic_cell_image(160, 160, seed=s) for s in range(2)]; "
+        "from cellseg_deploy.data.synth import fluorescence_cell_image; "
+        "images = [fluorescence_cell_image(160, 160, seed=s) for s in range(2)]; "
         "r = quantize_onnx(Path(sys.argv[1]), Path(sys.argv[2]), images, source='test images'); "
         "assert 'seconds' in r.calibration"
     )

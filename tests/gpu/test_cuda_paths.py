@@ -26,9 +26,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
-    return synthetic_cell_image(300, 400, seed=1, n_cells=50)
+    return fluorescence_cell_image(300, 400, seed=1, n_cells=50)
 
 
 @pytest.fixture(scope="module")

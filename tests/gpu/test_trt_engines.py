@@ -44,12 +44,12 @@ def trt_stage_dir(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="module")
 def gpu_images() -> dict[int, np.ndarray]:
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
     return {
-        1: synthetic_cell_image(300, 400, seed=1, n_cells=50),
-        2: synthetic_cell_image(256, 256, seed=2, n_cells=80),
-        3: synthetic_cell_image(500, 200, seed=3, n_cells=30, invert=True),
+        1: fluorescence_cell_image(300, 400, seed=1, n_cells=50),
+        2: fluorescence_cell_image(256, 256, seed=2, n_cells=80),
+        3: fluorescence_cell_image(500, 200, seed=3, n_cells=30, invert=True),
     }
 
 

@@ -15,9 +15,9 @@ from cellseg_deploy.modeling.raw import forward_raw
 
 
 def _image(size: int = 448, seed: int = 0) -> torch.Tensor:
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
-    return torch.from_numpy(synthetic_cell_image(size, size, seed=seed, n_cells=40))
+    return torch.from_numpy(fluorescence_cell_image(size, size, seed=seed, n_cells=40))
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,12 @@ def stage_dir(random_tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="session")
 def cell_images() -> dict[int, np.ndarray]:
     """Synthetic cell images of three shapes: non-square, square, tall and inverted (dark cells)."""
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
     return {
-        1: synthetic_cell_image(300, 400, seed=1, n_cells=50),
-        2: synthetic_cell_image(256, 256, seed=2, n_cells=80),
-        3: synthetic_cell_image(500, 200, seed=3, n_cells=30, invert=True),
+        1: fluorescence_cell_image(300, 400, seed=1, n_cells=50),
+        2: fluorescence_cell_image(256, 256, seed=2, n_cells=80),
+        3: fluorescence_cell_image(500, 200, seed=3, n_cells=30, invert=True),
     }
 
 

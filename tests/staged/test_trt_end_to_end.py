@@ -22,7 +22,7 @@ def test_cli_export_trt_then_runner_matches_staged_onnx(
     import shutil
 
     from cellseg_deploy.backends import create_runner
-    from cellseg_deploy.backends.onnxrt.export import synthetic_cell_image
+    from cellseg_deploy.data.synth import fluorescence_cell_image
 
     double = trt_double(version)
     out = tmp_path / "trt"
@@ -38,7 +38,7 @@ def test_cli_export_trt_then_runner_matches_staged_onnx(
     assert "built fp32 engines" in capsys.readouterr().out
     manifest = json.loads((out / "fp16" / "engines.json").read_text())
     assert manifest["environment"]["trt_version"] == version and manifest["typing"] == "strong"
-    image = synthetic_cell_image(300, 400, seed=1, n_cells=50)
+    image = fluorescence_cell_image(300, 400, seed=1, n_cells=50)
     with create_runner("staged-onnx", out / "stages") as ref_runner:
         ref = ref_runner.infer(image)
     for precision, graphs in (("fp32", True), ("fp16", False)):

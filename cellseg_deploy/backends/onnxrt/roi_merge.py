@@ -3,9 +3,9 @@
 ``MultiScaleRoIAlign`` pools each RoI from one FPN level and puts the per-level results back in RoI order.
 Eagerly it writes them into a preallocated tensor; when traced for ONNX, torchvision builds
 (``torchvision.ops.poolers._onnx_merge_levels``) a zero ``[R, C, S, S]`` tensor and one ``ScatterElements``
-per level with an index tensor expanded to the full ``[R_l, C, S, S]`` shape. On the CPU that costs more than
-the RoIAlign itself: ONNX Runtime spent about 12 % of the whole R50-FPN graph in those scatters (box head,
-1000 RoIs of 256 x 7 x 7), OpenVINO about 10 % in the scatters, expands and broadcasts around them.
+per level with an index tensor expanded to the full ``[R_l, C, S, S]`` shape. On the CPU those scatters
+(and, in OpenVINO, the expands and broadcasts around them) cost more than the RoIAlign itself; the profile is
+in docs/cpu-fast-path.md ("Measurements behind the design").
 
 :func:`gather_level_merge` swaps in an equivalent merge for the duration of an export: concatenate the
 per-level results (levels in order), build the inverse permutation of the RoI indices with one small 1-D

@@ -17,10 +17,8 @@ AVX512-VNNI); everything else runs as before (bf16 where the CPU has it, else fp
 - **Activations:** per tensor, 256 levels over ``[min(0, lo), hi]``, where ``lo``/``hi`` come from
   calibration: the graph runs in fp32 on the calibration images and each quantised layer's input range is
   the mean over the images of each image's minimum and maximum ("averaged min/max": one outlier image
-  does not stretch the range for all). Measured before the residual additions were quantised, against the
-  plain min/max over all images: segm AP50 moved by -0.003 instead of -0.002 on the demo's model (48
-  training images) and by -0.011 instead of -0.019 on the weakly trained test fixture; the 99.99th
-  percentile gave -0.009 and -0.006.
+  does not stretch the range for all). Chosen over the plain min/max over all images and the 99.99th
+  percentile by segm AP50 on two models (docs/cpu-fast-path.md, "Measurements behind the design").
 - **Calibration images:** the training split of a dataset root (``calib_data``; never its validation split,
   which the accuracy checks use), a folder of images, or, when none is given, synthetic cell images from
   :mod:`cellseg_deploy.data.synth` (said once in the log: fine for speed, but calibrate on your own training
@@ -28,9 +26,8 @@ AVX512-VNNI); everything else runs as before (bf16 where the CPU has it, else fp
 
 The IR (``.xml`` with its ``.bin``) keeps the ONNX file's provenance and adds ``rt_info[cellseg_int8]``
 (JSON: scheme, layers, calibration source and count, the ONNX file's SHA-256); the ``openvino`` runner reads
-it at ``--precision int8`` only. Measured (2-core Sapphire Rapids, see docs/cpu-fast-path.md): R50-FPN
-512 px with 150 detections, network 492 ms against 719 ms in bf16 (1.46x); the demo's trained tiny model
-segm AP50 0.7863 against 0.7924 for PyTorch fp32 on the synthetic validation split.
+it at ``--precision int8`` only. Its speed against bf16 and its accuracy against PyTorch fp32 are in
+docs/cpu-fast-path.md.
 """
 
 from __future__ import annotations
@@ -200,10 +197,9 @@ def quantised_inputs(model: Any) -> list[tuple[Any, int]]:
     bottleneck blocks is quantised once, for the next block's convolution and for its shortcut alike, and
     OpenVINO can keep it int8 instead of converting it per consumer).
 
-    The residual additions were measured both ways: 10 % less network time at R50-FPN 512 px / 150
-    detections (492 ms against 545 ms: fewer bf16 <-> int8 reorders and stand-alone FakeQuantize nodes);
-    segm AP50 against PyTorch fp32 -0.006 instead of -0.003 on the demo's model and -0.006 instead of -0.011
-    on the weakly trained test fixture."""
+    The residual additions were measured both ways (docs/cpu-fast-path.md): quantising them makes the network
+    faster (fewer bf16 <-> int8 reorders and stand-alone FakeQuantize nodes) for a small, mixed change in segm
+    AP50 against PyTorch fp32."""
     pairs = [(op, 0) for op in quantisable_layers(model)]
     return pairs + [(op, i) for op in model.get_ordered_ops() if _is_residual_add(op) for i in (0, 1)]
 

@@ -250,8 +250,8 @@ class SyncCounter(TorchFunctionMode):
 HOST_THREADS = 1
 """torch threads for the host steps on the CPU. They are many small operations between stage runs, and two
 thread pools (torch's OpenMP team and ONNX Runtime's) taking turns on the same cores cost more than the
-second thread gains: on the 2-core test machine, under load, one thread for the host steps made a
-``staged-onnx`` image three times faster (docs/tensorrt.md has the measurement). Results do not change."""
+second thread gains, most on a small, loaded machine (docs/tensorrt.md has the measurement). Results do not
+change."""
 
 
 @contextlib.contextmanager
