@@ -192,7 +192,7 @@ def parity_cmd(
     click.echo(report.table())
     write_json_result(json_path, report.to_dict())
     if overlays_dir is not None:
-        from cellseg_deploy.evaluation.parity_overlays import write_parity_overlays
+        from cellseg_deploy.evaluation.parity.overlays import write_parity_overlays
 
         drawn = write_parity_overlays(
             report,

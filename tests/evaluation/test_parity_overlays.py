@@ -12,7 +12,7 @@ import pytest
 
 from cellseg_deploy.data.rle import encode_mask
 from cellseg_deploy.evaluation.parity import compare_instances
-from cellseg_deploy.evaluation.parity_overlays import STATUS_COLOURS, classify_instances, draw_parity_overlay
+from cellseg_deploy.evaluation.parity.overlays import STATUS_COLOURS, classify_instances, draw_parity_overlay
 from cellseg_deploy.structures import Instances
 
 H, W = 120, 160

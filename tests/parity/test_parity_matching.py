@@ -3,6 +3,7 @@ verdicts, on hand-made instances."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -151,13 +152,22 @@ def test_verdict_names_what_differed() -> None:
     assert report.to_dict()["overall"]["matched"] == 8
 
 
+def _upper(limit: float | None) -> float:
+    return np.inf if limit is None else limit  # an upper limit that is off is the loosest
+
+
+def _lower(limit: float | None) -> float:
+    return -np.inf if limit is None else limit
+
+
 def test_profiles_get_looser_with_lower_precision() -> None:
-    order = ["fp32", "fp16", "bf16", "int8"]
-    for a, b in itertools.pairwise(order):
-        pa, pb = PROFILES[a], PROFILES[b]
-        assert pb.max_box_diff >= pa.max_box_diff and pb.max_missed_frac >= pa.max_missed_frac
-        assert pb.min_mask_iou_mean <= pa.min_mask_iou_mean and pb.min_agreement <= pa.min_agreement
-        assert pb.max_mask_prob_diff_p99 >= pa.max_mask_prob_diff_p99
+    assert list(PROFILES) == ["fp32", "fp16", "bf16", "int8"]
+    for pa, pb in itertools.pairwise(PROFILES.values()):
+        for f in dataclasses.fields(ToleranceProfile):
+            if f.name.startswith("max_"):
+                assert _upper(getattr(pb, f.name)) >= _upper(getattr(pa, f.name)), (pb.name, f.name)
+            elif f.name.startswith("min_"):
+                assert _lower(getattr(pb, f.name)) <= _lower(getattr(pa, f.name)), (pb.name, f.name)
     # fp32 as the exporter's own check on raw outputs; far below logits scaled by 2 (0.150 on every pair).
     assert PROFILES["fp32"].max_mask_prob_diff_p99 == 0.01 and PROFILES["fp16"].max_mask_prob_diff_p99 < 0.15
 
@@ -174,7 +184,7 @@ def test_tolerance_overrides_are_checked() -> None:
     with pytest.raises(ConfigError, match="unknown tolerance profile"):
         get_profile("fp8")
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
-        ToleranceProfile(min_mask_iou_mean=1.5)
+        dataclasses.replace(PROFILES["fp32"], min_mask_iou_mean=1.5)
     with pytest.raises(ConfigError, match=r"max_mask_prob_diff_p99: expected a value in \[0, 1\]"):
         get_profile("fp32", {"max_mask_prob_diff_p99": 2})
 
@@ -383,3 +393,25 @@ def test_the_ap_gate_needs_enough_ground_truth() -> None:
     enough = {**few, "n_gt": 134}
     gate = next(c for c in evaluate_checks(overall, enough, PROFILES["int8"]) if c.key == "ap50_gt_diff")
     assert not gate.ok and not gate.skipped
+
+
+def test_a_limit_that_is_off_is_reported_but_never_judged() -> None:
+    """bf16 turns the score-difference limit off (None, not a limit of 1.0 that can never fail): the
+    statistic stays in the report, as a note, and is not one of the checks."""
+    assert PROFILES["bf16"].max_score_diff is None and PROFILES["int8"].max_mask_prob_diff_p99 is None
+    ref = make([(2, 2, 12, 12), (20, 5, 32, 18)], [0.9, 0.8])
+    cand = make([(2, 2, 12, 12), (20, 5, 32, 18)], [0.9, 0.2])  # a score moved by 0.6
+    strict = compare_runs(
+        {1: ref}, {1: cand}, profile=get_profile("bf16", {"max_score_diff": "0.1"}), min_instances=1
+    )
+    assert any(f.startswith("max_score_diff") for f in strict.failures), strict.failures
+    report = compare_runs({1: ref}, {1: cand}, profile=PROFILES["bf16"], min_instances=1)
+    assert report.passed, report.failures
+    keys = [c["key"] for c in report.to_dict()["checks"]]
+    assert "max_score_diff" not in keys and "agreement" in keys
+    assert any("not limited in profile bf16" in n and "max_score_diff = 0.6" in n for n in report.notes())
+    assert report.to_dict()["profile"]["max_score_diff"] is None
+    off = get_profile("fp32", {"max_score_diff": "off"})
+    assert off.max_score_diff is None and off.name == "fp32+custom"
+    with pytest.raises(ConfigError, match="strong_iou"):
+        get_profile("fp32", {"strong_iou": "off"})

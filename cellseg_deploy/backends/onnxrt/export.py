@@ -392,32 +392,22 @@ def _ort_outputs(proto: onnx.ModelProto, images: list[np.ndarray]) -> list[list[
 def compare_raw_outputs(ref: list[np.ndarray], cand: list[np.ndarray]) -> dict[str, Any]:
     """Compare two sets of raw outputs ``(boxes, labels, scores, mask_probs)`` of one image.
 
-    Detections are paired per label by an optimal assignment on the largest box-coordinate difference, so
-    near-equal scores listed in another order do not count as differences. Used by the export self-check,
-    where both sides are fp32 on the CPU: a pair is a match when its boxes agree within 0.5 px.
+    Detections are paired by the project's matcher (:func:`cellseg_deploy.matching.match_boxes`: same class,
+    optimal assignment on the largest box-coordinate difference), so near-equal scores listed in another order
+    do not count as differences. Used by the export self-check, where both sides are fp32 on the CPU: a pair is
+    a match when its boxes agree within ``_CHECK_BOX_TOL_PX``.
 
     Returns:
         ``{"ok", "reason", "torch_detections", "ort_detections", "matched", "max_box_diff",
         "max_score_diff", "max_mask_diff"}`` (differences over the matched pairs; 0 when none).
     """
-    from scipy.optimize import linear_sum_assignment
+    from cellseg_deploy.matching import match_boxes
 
     rb, rl, rs, rm = ref
     cb, cl, cs, cm = cand
     n_ref, n_cand = len(rb), len(cb)
-    pairs: list[tuple[int, int]] = []
-    for label in np.union1d(rl, cl):
-        ri = np.flatnonzero(rl == label)
-        ci = np.flatnonzero(cl == label)
-        if not len(ri) or not len(ci):
-            continue
-        cost = np.abs(rb[ri][:, None, :] - cb[ci][None, :, :]).max(axis=2)
-        rows, cols = linear_sum_assignment(cost)
-        pairs += [
-            (int(ri[r]), int(ci[c]))
-            for r, c in zip(rows, cols, strict=True)
-            if cost[r, c] <= _CHECK_BOX_TOL_PX
-        ]
+    ref_partner, _, _ = match_boxes(rb, rl, cb, cl, _CHECK_BOX_TOL_PX)
+    pairs = [(r, int(c)) for r, c in enumerate(ref_partner) if c >= 0]
     result: dict[str, Any] = {
         "torch_detections": n_ref,
         "ort_detections": n_cand,

@@ -1,8 +1,9 @@
 """Pictures of parity: where a candidate backend finds other cells than the reference.
 
 For one image, every instance that parity judges (scoring ``>= score_thresh`` on its side, or matched to one
-that does) gets one status, from the same matching as :func:`~cellseg_deploy.evaluation.parity.compare_instances`
-(same-class optimal assignment on ``(1 - mask IoU) + (1 - box IoU)``, a pair needs ``mask IoU >= min_iou``):
+that does) gets one status, from the same matcher as :func:`~cellseg_deploy.evaluation.parity.compare_instances`
+(:func:`cellseg_deploy.matching.match_instances`: same-class optimal assignment on ``(1 - mask IoU) + (1 - box
+IoU)``, a pair needs ``mask IoU >= min_iou``):
 
 - ``matched``: a pair with mask IoU ``>= strong_iou`` (drawn once, the reference's outline, green);
 - ``low_iou``: a pair below ``strong_iou`` (both outlines, yellow: the reference solid, the candidate dashed);
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cellseg_deploy.matching import DEFAULT_MIN_IOU, match_instances
 from cellseg_deploy.structures import Instances
 
 STATUS_COLOURS: dict[str, str] = {
@@ -59,12 +61,15 @@ class InstanceStatus:
 
 
 def classify_instances(
-    ref: Instances, cand: Instances, *, score_thresh: float, min_iou: float = 0.5, strong_iou: float = 0.95
+    ref: Instances,
+    cand: Instances,
+    *,
+    score_thresh: float,
+    min_iou: float = DEFAULT_MIN_IOU,
+    strong_iou: float = 0.95,
 ) -> InstanceStatus:
-    """The status of every instance of one image (see the module docstring), from parity's own matching
-    (:func:`~cellseg_deploy.evaluation.parity.match_instances`), so the picture and the report agree."""
-    from cellseg_deploy.evaluation.parity import match_instances
-
+    """The status of every instance of one image (see the module docstring), from parity's own matcher
+    (:func:`cellseg_deploy.matching.match_instances`), so the picture and the report agree."""
     ref_partner, cand_partner, ref_iou = match_instances(ref, cand, min_iou)
     ref_hi = ref.scores >= score_thresh
     cand_hi = cand.scores >= score_thresh
@@ -193,7 +198,7 @@ def write_parity_overlays(
     """
     from cellseg_deploy.data.coco import dataset_to_coco
     from cellseg_deploy.data.io import read_image
-    from cellseg_deploy.evaluation.parity import runner_pair
+    from cellseg_deploy.evaluation.parity.run import runner_pair
     from cellseg_deploy.evaluation.predict import image_path_of
     from cellseg_deploy.postprocess import PostprocessConfig
 
