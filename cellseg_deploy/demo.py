@@ -66,13 +66,15 @@ class DemoConfig:
 @dataclass
 class DemoResult:
     """Paths and headline numbers of a finished demo (``summary_rows``: :data:`SUMMARY_HEADERS`;
-    ``skipped``: engine -> why it could not run here)."""
+    ``skipped``: engine -> why it could not run here; ``scorecard_text``: the scorecard's full table and its
+    ``skipped ENGINE: why`` lines, as ``cellseg-deploy scorecard`` prints them)."""
 
     report: Path
     summary_rows: list[list[Any]] = field(default_factory=list)
     steps: dict[str, float] = field(default_factory=dict)
     all_parity_passed: bool = True
     skipped: dict[str, str] = field(default_factory=dict)
+    scorecard_text: str = ""
 
 
 def _step(name: str, steps: dict[str, float], echo: Callable[[str], None]) -> Callable[[], None]:
@@ -89,7 +91,7 @@ def _step(name: str, steps: dict[str, float], echo: Callable[[str], None]) -> Ca
 def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
     """Run every step (see the module docstring) and write ``config.out/report.md``."""
     from cellseg_deploy.backends import create_runner
-    from cellseg_deploy.bench.scorecard import ScorecardRequest, run_scorecard
+    from cellseg_deploy.bench.scorecard import ScorecardRequest, run_scorecard, summary_text
     from cellseg_deploy.data.check import check_dataset
     from cellseg_deploy.data.synth import SynthConfig, make_synthetic_dataset
     from cellseg_deploy.evaluation.predict import evaluate_model, predict_folder
@@ -162,7 +164,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> DemoRes
         for r in card["rows"]
         if not r.get("skipped")
     )
-    return DemoResult(report, summary_rows, steps, passed, dict(card["skipped"]))
+    return DemoResult(report, summary_rows, steps, passed, dict(card["skipped"]), summary_text(card))
 
 
 def _summary_rows(card: dict[str, Any]) -> list[list[Any]]:
@@ -313,6 +315,13 @@ def write_report(
         "test images).",
         "",
     ]
+    if summary.overlays_dir and summary.overlays_gt:
+        lines += [
+            "Overlays: the detections scoring >= 0.5 (score on each), coloured against "
+            f"`{rel(summary.overlays_gt)}`: TP green (same class, mask IoU >= 0.5, one-to-one), FP cyan, "
+            "FN red (the missed ground-truth cell).",
+            "",
+        ]
     overlays = sorted(Path(summary.overlays_dir).glob("*.png"))[:3] if summary.overlays_dir else []
     lines += [f"![{p.stem}]({rel(p)})" for p in overlays]
     return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

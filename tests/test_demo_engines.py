@@ -46,6 +46,33 @@ def test_skipped_engines_appear_in_the_summary() -> None:
     assert rows[1][0] == "trt:fp16" and "skipped" in rows[1][2]
 
 
+def test_the_demo_prints_the_scorecard_table_and_its_skips() -> None:
+    """What the demo prints at its end is the scorecard command's own text: every column, then the skips."""
+    from cellseg_deploy.bench.scorecard import HEADERS, summary_text
+
+    card = {
+        "rows": [
+            {
+                "engine": "torch",
+                "model": {"path": "/m/best.pt", "size_bytes": 2_500_000},
+                "accuracy": {"AP50": 0.5, "AP": 0.25},
+                "parity": {"verdict": "reference"},
+                "speed": {"p50_ms": 9.0, "speedup_p50": 1.0},
+                "memory": {"peak_rss_mb": 321.0},
+            },
+            {"engine": "trt:fp16", "skipped": "TensorRT is not installed"},
+        ],
+        "skipped": {"trt:fp16": "TensorRT is not installed"},
+    }
+    lines = summary_text(card).splitlines()
+    assert all(h in lines[0] for h in HEADERS)
+    torch_row = next(line for line in lines if line.startswith("torch"))
+    for cell in ("best.pt", "2.5", "0.5000", "0.2500", "reference", "9.0", "1.00x", "321"):
+        assert cell in torch_row
+    assert any(line.startswith("trt:fp16") and "skipped" in line for line in lines)
+    assert lines[-1] == "skipped trt:fp16: TensorRT is not installed"
+
+
 @pytest.mark.slow
 def test_a_small_demo_reports_the_scorecard_and_its_skips(tmp_path: Path) -> None:
     """The whole demo, shortened (8 training images, 2 epochs, three engines): its summary is the scorecard."""
@@ -72,6 +99,9 @@ def test_a_small_demo_reports_the_scorecard_and_its_skips(tmp_path: Path) -> Non
     assert "| " + " | ".join(HEADERS) + " |" in report
     assert "- trt:fp16: " in report and "TensorRT" in result.skipped["trt:fp16"]
     assert [row[0] for row in result.summary_rows] == ["torch", "onnx", "trt:fp16"]
+    assert all(h in result.scorecard_text for h in HEADERS)
+    assert "skipped trt:fp16: " in result.scorecard_text
+    assert "FN red" in report, "the test images have ground truth: overlays coloured TP / FP / FN"
     demo = json.loads((config.out / "demo.json").read_text())
     assert demo["skipped"] == result.skipped
     assert Path(demo["scorecard"]).is_file()

@@ -8,7 +8,6 @@ import click
 
 from cellseg_deploy.cli.common import check_outputs, write_json_result
 from cellseg_deploy.cli.options import json_option, overwrite_option, progress_option, seed_option
-from cellseg_deploy.tables import format_table
 
 
 @click.command("demo")
@@ -76,11 +75,7 @@ def demo(
         echo=click.echo,
     )
     click.echo("")
-    click.echo(
-        format_table(
-            result.summary_rows, ["backend", "segm AP50 (val)", "parity vs torch", "latency p50 (ms)"]
-        )
-    )
+    click.echo(result.scorecard_text)  # the scorecard's own table, then what was skipped and why
     click.echo(f"\nreport: {result.report}")
     write_json_result(
         json_path, {"report": str(result.report), "summary": result.summary_rows, "steps_s": result.steps}

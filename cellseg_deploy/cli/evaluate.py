@@ -84,6 +84,18 @@ def _concurrency_options(engine: str, concurrency: int) -> dict[str, Any]:
     return {"num_streams": concurrency} if engine == "openvino" and concurrency > 1 else {}
 
 
+def _overlay_score_option(func: F) -> F:
+    """``--overlay-score``: what the overlays draw (the scores and the submission keep every detection)."""
+    return click.option(
+        "--overlay-score",
+        type=click.FloatRange(0.0, 1.0),
+        default=0.5,
+        show_default=True,
+        help="Overlays draw only detections scoring at least this (with their scores); AP and the "
+        "submission are unaffected.",
+    )(func)
+
+
 def _post_options(func: F) -> F:
     """``--score-thresh --mask-thresh``: the shared post-processing."""
     func = click.option(
@@ -126,6 +138,15 @@ def _post_options(func: F) -> F:
 @val_fraction_option
 @seed_option()
 @click.option(
+    "--overlays",
+    "overlays_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write one PNG per image: predictions coloured TP (matched to a ground-truth cell: same class, "
+    "mask IoU >= 0.5, one-to-one), FP (unmatched) and FN (missed ground truth).",
+)
+@_overlay_score_option
+@click.option(
     "--iou",
     "iou_types",
     default="segm,bbox",
@@ -147,6 +168,8 @@ def eval_cmd(
     mask_thresh: float,
     val_fraction: float,
     seed: int,
+    overlays_dir: Path | None,
+    overlay_score: float,
     iou_types: str,
     engine: str | None,
     device: str,
@@ -172,9 +195,12 @@ def eval_cmd(
     Examples:
         cellseg-deploy eval runs/r50/best.pt --data data/hw3 --split val
         cellseg-deploy eval models/r50.onnx --data data/hw3 --split test --max-dets 300 --json eval.json
+        cellseg-deploy eval runs/r50/best.pt --data data/hw3 --overlays overlays/ --overlay-score 0.5
         torchrun --nproc-per-node 2 -m cellseg_deploy.cli.main eval models/r50.onnx --data data/hw3
     """
-    check_outputs({"--json": json_path}, overwrite=overwrite)
+    check_outputs(
+        {"--json": json_path, "--overlays": overlays_dir}, overwrite=overwrite, folders=("--overlays",)
+    )
     from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
     from cellseg_deploy.evaluation import distributed
     from cellseg_deploy.evaluation.predict import ImageFailures, evaluate_model
@@ -202,12 +228,19 @@ def eval_cmd(
             max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
             pipeline=pipeline,
             dist=dist,
+            overlays_dir=overlays_dir,
+            overlay_score=overlay_score,
         )
     if dist is not None and not dist.is_main:
         if failures:
             raise SystemExit(1)  # rank 0 prints the table and names the skipped images
         return
     click.echo(result.table())
+    if "overlays" in result.info:
+        drawn = result.info["overlays"]
+        click.echo(
+            f"overlays in {drawn['dir']} ({drawn['images']} images, TP/FP/FN against the ground truth)"
+        )
     write_json_result(json_path, result.to_dict())
     if failures:
         scored = int(result.info.get("images_scored", 0))
@@ -237,8 +270,10 @@ def eval_cmd(
     "overlays_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Also write one PNG per image with the predicted masks coloured by class.",
+    help="Also write one PNG per image with the predicted masks coloured by class; with "
+    "test_ground_truth.json beside IMAGES_DIR, coloured TP / FP / FN against it as in eval --overlays.",
 )
+@_overlay_score_option
 @click.option(
     "--strict",
     is_flag=True,
@@ -263,6 +298,7 @@ def predict_cmd(
     ids_map: Path | None,
     out_zip: Path,
     overlays_dir: Path | None,
+    overlay_score: float,
     strict: bool,
     score_thresh: float,
     mask_thresh: float,
@@ -307,12 +343,12 @@ def predict_cmd(
         overwrite=overwrite,
         folders=("--overlays",),
     )
+    from cellseg_deploy.backends.registry import create_runner
     from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
     from cellseg_deploy.errors import CheckFailed
     from cellseg_deploy.evaluation import distributed
     from cellseg_deploy.evaluation.predict import infer_engine, predict_folder
     from cellseg_deploy.postprocess import PostprocessConfig
-    from cellseg_deploy.runners.registry import create_runner
 
     post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=max_per_image)
     name = engine or infer_engine(model)
@@ -334,6 +370,7 @@ def predict_cmd(
             ids_map,
             out_zip,
             overlays_dir=overlays_dir,
+            overlay_score=overlay_score,
             strict=strict,
             post=post,
             progress=progress,

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from cellseg_deploy.backends.base import Runner
 from cellseg_deploy.data.coco import SPLITS
 from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
 from cellseg_deploy.data.layout import TEST_MAP_NAME as ID_MAP_NAME
@@ -52,11 +53,10 @@ from cellseg_deploy.evaluation.pipeline import (
 from cellseg_deploy.evaluation.submission import RESULTS_MEMBER, write_results_json, write_submission
 from cellseg_deploy.io_utils import OutputError, rescue_path
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
-from cellseg_deploy.runners.base import Runner
 from cellseg_deploy.structures import Detections, Instances
 
 if TYPE_CHECKING:
-    from cellseg_deploy.training.distributed import DistInfo
+    from cellseg_deploy.distributed import DistInfo
 
 EVAL_POSTPROCESS = PostprocessConfig(score_thresh=0.0, mask_thresh=0.5, max_dets=None)
 """Post-processing for evaluation: keep every detection the model returns (the cap is COCOeval's)."""
@@ -233,7 +233,7 @@ class ImageFailures:
 _SUFFIX_ENGINES: dict[str, str] = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".xml": "openvino"}
 _MANIFEST_SUFFIXES = (".json", ".yaml", ".yml")
 _ENGINES_MANIFEST = "engines.json"
-"""The TensorRT engine manifest's file name (:data:`cellseg_deploy.export.tensorrt.ENGINES_MANIFEST`)."""
+"""The TensorRT engine manifest's file name (:data:`cellseg_deploy.backends.tensorrt.build.ENGINES_MANIFEST`)."""
 
 
 def infer_engine(model_path: str | Path) -> str:
@@ -241,7 +241,7 @@ def infer_engine(model_path: str | Path) -> str:
     ``.xml`` IR -> ``openvino``, a TensorRT engine manifest (``engines.json``, or a folder holding one and no
     stage manifest) -> ``trt``, any other folder or manifest (``.json``/``.yaml``) -> ``staged-onnx``.
     Anything else raises :class:`UserError`."""
-    from cellseg_deploy.runners.registry import list_runners
+    from cellseg_deploy.backends.registry import list_runners
 
     path = Path(model_path)
     if path.name == _ENGINES_MANIFEST or (
@@ -510,6 +510,8 @@ def evaluate_model(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     pipeline: PipelineSettings = SEQUENTIAL,
     dist: DistInfo | None = None,
+    overlays_dir: str | Path | None = None,
+    overlay_score: float | None = None,
 ) -> EvalResult:
     """Evaluate a model file with any registered runner on a dataset split (what ``cellseg-deploy eval`` runs).
 
@@ -527,12 +529,16 @@ def evaluate_model(
             result's notes and ``info["skipped_images"]`` name them.
         pipeline, dist: see :func:`run_dataset`; with ``dist`` rank 0 scores all the images and every rank
             returns its result (and its skipped images in ``failures``).
+        overlays_dir: also write one TP / FP / FN overlay per scored image there
+            (:func:`~cellseg_deploy.evaluation.overlays.write_eval_overlays`; rank 0 alone, after scoring).
+        overlay_score: the overlays draw predictions scoring at least this (``None``: 0.5, the overlays'
+            default); the scores are unaffected.
 
     Returns:
         The :class:`EvalResult`, with ``notes`` on the model's own cap and ``info`` naming the runner,
         data, split and thresholds.
     """
-    from cellseg_deploy.runners.registry import create_runner
+    from cellseg_deploy.backends.registry import create_runner
 
     post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=None)
     engine = engine or infer_engine(model_path)
@@ -553,18 +559,29 @@ def evaluate_model(
         )
         model_cap = model_detection_cap(runner)
         runner_info = runner.info()
+
+    def score() -> EvalResult:
+        scored = _score(gt, predictions, engine, max_dets, iou_types, model_cap, failures, t0, split)
+        if overlays_dir is not None:
+            from cellseg_deploy.evaluation.overlays import DEFAULT_OVERLAY_SCORE, write_eval_overlays
+
+            drawn = write_eval_overlays(
+                gt,
+                predictions,
+                {int(e["id"]): image_path_of(e, Path(data_root)) for e in gt["images"]},
+                overlays_dir,
+                score_thresh=DEFAULT_OVERLAY_SCORE if overlay_score is None else overlay_score,
+                max_pixels=max_pixels,
+            )
+            scored.info["overlays"] = {"dir": str(overlays_dir), "images": len(drawn)}
+        return scored
+
     if dist is not None and dist.enabled:
-        result, skipped = result_from_main(
-            dist,
-            lambda: (
-                _score(gt, predictions, engine, max_dets, iou_types, model_cap, failures, t0, split),
-                failures.items if failures else [],
-            ),
-        )
+        result, skipped = result_from_main(dist, lambda: (score(), failures.items if failures else []))
         if failures is not None and not dist.is_main:
             failures.items.extend(skipped)
     else:
-        result = _score(gt, predictions, engine, max_dets, iou_types, model_cap, failures, t0, split)
+        result = score()
     result.info.update(
         {
             "runner": runner_info,
@@ -646,6 +663,7 @@ class PredictSummary:
         num_detections: detections written.
         failed: ``(file name, reason)`` of every image skipped (unreadable, or not the size the map says).
         overlays_dir: where overlays went (``None``: not asked for).
+        overlays_gt: the ground truth the overlays are coloured against (TP / FP / FN), ``None``: by class.
         seconds: wall time of the whole run.
         runner: ``runner.info()``.
     """
@@ -660,6 +678,7 @@ class PredictSummary:
     overlays_dir: Path | None = None
     seconds: float = 0.0
     runner: dict[str, Any] = field(default_factory=dict)
+    overlays_gt: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
@@ -672,6 +691,7 @@ class PredictSummary:
             "num_detections": self.num_detections,
             "failed": [{"file": f, "reason": r} for f, r in self.failed],
             "overlays_dir": str(self.overlays_dir) if self.overlays_dir else None,
+            "overlays_gt": str(self.overlays_gt) if self.overlays_gt else None,
             "seconds": round(self.seconds, 3),
             "runner": self.runner,
         }
@@ -684,7 +704,8 @@ class PredictSummary:
             f"wrote {self.out_zip} ({RESULTS_MEMBER}) and {self.results_json}",
         ]
         if self.overlays_dir is not None:
-            lines.append(f"overlays in {self.overlays_dir}")
+            against = f" (TP/FP/FN against {self.overlays_gt})" if self.overlays_gt else ""
+            lines.append(f"overlays in {self.overlays_dir}{against}")
         if self.failed:
             lines.append(f"{len(self.failed)} image(s) skipped:")
             lines.extend(f"  {name}: {reason}" for name, reason in self.failed)
@@ -800,6 +821,7 @@ def predict_folder(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     pipeline: PipelineSettings = SEQUENTIAL,
     dist: DistInfo | None = None,
+    overlay_score: float | None = None,
 ) -> PredictSummary:
     """Predict every image of a folder and write the competition submission.
 
@@ -813,7 +835,9 @@ def predict_folder(
         ids_map: the id map (``test_image_name_to_ids.json``); ``None`` looks beside the folder, then
             falls back to ids 1..N in sorted file-name order.
         out_zip: the submission zip to write.
-        overlays_dir: folder for overlay PNGs, or ``None``.
+        overlays_dir: folder for overlay PNGs, or ``None``. With ``test_ground_truth.json`` beside
+            ``images_dir`` (:func:`~cellseg_deploy.evaluation.overlays.ground_truth_beside`) they are coloured
+            TP / FP / FN against it, else by class.
         strict: stop at the first image that cannot be read or run (raise :class:`DataError`) instead of
             skipping it.
         post: post-processing settings (default: keep every detection the model returns).
@@ -826,6 +850,8 @@ def predict_folder(
             predicts its share of the images (and writes their overlays), rank 0 writes the one submission,
             the same bytes as one process; every rank returns the whole run's summary. A rank that stops
             makes every rank raise, and no submission is written.
+        overlay_score: overlays draw the detections scoring at least this (``None``:
+            :data:`~cellseg_deploy.evaluation.overlays.DEFAULT_OVERLAY_SCORE`); the submission keeps all.
 
     Returns:
         :class:`PredictSummary`; skipped images are in ``failed`` (the submission is still written). Each
@@ -837,12 +863,14 @@ def predict_folder(
             system's temporary folder that holds the finished results instead.
     """
     from cellseg_deploy.data.io import read_image
-    from cellseg_deploy.evaluation.overlays import write_overlay
+    from cellseg_deploy.evaluation.overlays import DEFAULT_OVERLAY_SCORE, ground_truth_beside, write_overlay
 
     t0 = time.perf_counter()
     entries, id_source = resolve_images(images_dir, ids_map)
     out_zip = Path(out_zip)
     overlays = Path(overlays_dir) if overlays_dir is not None else None
+    truth = ground_truth_beside(images_dir) if overlays is not None else None
+    drawn_from = DEFAULT_OVERLAY_SCORE if overlay_score is None else overlay_score
     runner.load()
 
     def decode(item: tuple[int, ImageEntry]) -> np.ndarray:
@@ -877,7 +905,14 @@ def predict_folder(
                     done.append((index, instances_to_results(entry.image_id, inst)))
                     if overlays is not None:
                         try:
-                            write_overlay(overlays / f"{entry.path.stem}.png", image, inst)
+                            gt = truth.instances_for(entry.path.name, image.shape) if truth else None
+                            write_overlay(
+                                overlays / f"{entry.path.stem}.png",
+                                image,
+                                inst,
+                                score_thresh=drawn_from,
+                                gt=gt,
+                            )
                         except OSError as exc:  # the predictions are kept; only the picture is missing
                             failures.items.append(
                                 (
@@ -907,6 +942,7 @@ def predict_folder(
             overlays_dir=overlays,
             seconds=time.perf_counter() - t0,
             runner=runner.info(),
+            overlays_gt=truth.source if truth else None,
         )
 
     if dist is None or not dist.enabled:
