@@ -51,6 +51,7 @@ The package, by job: :mod:`.tolerances` (the profiles, as data), :mod:`.compare`
 
 from cellseg_deploy.evaluation.parity.compare import (
     ImageParity,
+    agreement,
     ap50_against_ground_truth,
     compare_instances,
     compare_runs,
@@ -60,7 +61,6 @@ from cellseg_deploy.evaluation.parity.compare import (
 from cellseg_deploy.evaluation.parity.report import (
     Check,
     ParityReport,
-    agreement,
     evaluate_checks,
     evidence_failure,
     judge,

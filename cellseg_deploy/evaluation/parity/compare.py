@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cellseg_deploy.errors import ConfigError, UserError
-from cellseg_deploy.evaluation.parity.report import ParityReport, agreement, judge
+from cellseg_deploy.evaluation.parity.report import ParityReport, judge
 from cellseg_deploy.evaluation.parity.tolerances import (
     DEFAULT_MIN_INSTANCES,
     DEFAULT_SCORE_THRESH,
@@ -24,6 +24,12 @@ from cellseg_deploy.matching import DEFAULT_MIN_IOU, match_instances
 from cellseg_deploy.structures import Instances
 
 log = logging.getLogger(__name__)
+
+
+def agreement(matched: int, missed: int, extra: int) -> float | None:
+    """F1 of a matching: ``2 * matched / (2 * matched + missed + extra)``; ``None`` when nothing was compared."""
+    total = 2 * matched + missed + extra
+    return None if total == 0 else 2 * matched / total
 
 
 @dataclass

@@ -16,12 +16,6 @@ if TYPE_CHECKING:
     from cellseg_deploy.evaluation.parity.compare import ImageParity
 
 
-def agreement(matched: int, missed: int, extra: int) -> float | None:
-    """F1 of a matching: ``2 * matched / (2 * matched + missed + extra)``; ``None`` when nothing was compared."""
-    total = 2 * matched + missed + extra
-    return None if total == 0 else 2 * matched / total
-
-
 @dataclass
 class ParityReport:
     """Parity of a candidate against a reference over a set of images, with the verdict.
@@ -74,47 +68,16 @@ class ParityReport:
         """A readable report: one row per image and an overall row, the checks, then the verdict."""
         from cellseg_deploy.tables import format_table
 
-        headers = [
-            "image",
-            "size",
-            "ref",
-            "cand",
-            "matched",
-            "missed",
-            "extra",
-            "box max",
-            "box p99",
-            "score max",
-            "prob max",
-            "prob p99",
-            "IoU min",
-            "IoU mean",
-            "agreement",
-        ]
+        counts = ("image", "size", "ref", "cand", "matched", "missed", "extra")
+        stats = {"max_box_diff": "box max", "p99_box_diff": "box p99", "max_score_diff": "score max"}
+        stats |= {"max_mask_prob_diff": "prob max", "p99_mask_prob_diff": "prob p99", "min_iou": "IoU min"}
+        stats |= {"mean_iou": "IoU mean", "agreement": "agreement"}
+        headers = [*counts, *stats.values()]
 
         def row(label: str, s: dict[str, Any]) -> list[Any]:
             size = "x".join(str(v) for v in s["size"]) if s.get("size") else ""
-            return [
-                label,
-                size,
-                s["n_ref"],
-                s["n_cand"],
-                s["matched"],
-                s["missed"],
-                s["extra"],
-                *(
-                    _f(s[k])
-                    for k in (
-                        "max_box_diff",
-                        "p99_box_diff",
-                        "max_score_diff",
-                        "max_mask_prob_diff",
-                        "p99_mask_prob_diff",
-                        "min_iou",
-                        "mean_iou",
-                        "agreement",
-                    )
-                ),
+            return [label, size, *(s[k] for k in ("n_ref", "n_cand", "matched", "missed", "extra"))] + [
+                _f(s[k]) for k in stats
             ]
 
         rows = [row(im.name or str(im.image_id), im.summary()) for im in self.images]
