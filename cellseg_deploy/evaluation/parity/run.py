@@ -100,7 +100,7 @@ def run_parity(
     tol = profile if isinstance(profile, ToleranceProfile) else get_profile(profile)
     tol = tol.with_overrides(tolerances or {})
     if images is not None and images < 1:
-        raise UserError(f"--images must be at least 1, got {images}")
+        raise UserError(f"--limit (images to compare) must be at least 1, got {images}")
     cand_cls = get_runner_class(candidate_engine)
     if candidate_precision is None:
         base = tol.name.split("+")[0]
