@@ -9,11 +9,12 @@ every engine (``runner`` or ``runner:precision``) to exactly one file:
    would time two different models against each other; ``allow_mismatch`` (``--allow-mismatch``) benchmarks
    such a file anyway and marks it in the table;
 2. else the checkpoint (``--model CKPT``) when the runner reads checkpoints (``.pt``);
-3. else a file exported from the checkpoint into a cache folder, when an exporter for that kind of file is
-   known (:data:`EXPORTERS`: the single ONNX graph, the stage folder that ``staged-onnx`` reads and from
-   which ``trt`` builds its engines with its ``rebuild`` option, and the int8 OpenVINO IR that ``openvino``
-   runs at ``int8``, calibrated on synthetic images), reused while the checkpoint is unchanged; an exporter
-   made for the engine's precision wins over a general one;
+3. else a file exported from the checkpoint into a cache folder, when the format registry can export that
+   kind of file (:data:`EXPORTERS`, the formats with a ``cache_name``: the single ONNX graph, the stage
+   folder that ``staged-onnx`` reads and from which ``trt`` builds its engines with its ``rebuild`` option,
+   and the int8 OpenVINO IR that ``openvino`` runs at ``int8``, calibrated on synthetic images), reused
+   while the checkpoint is unchanged (:func:`~cellseg_deploy.backends.cache.cached_export`); a format made
+   for the engine's precision wins over a general one;
 4. else a one-line :class:`~cellseg_deploy.errors.ModelFileError` saying which flag to pass.
 
 :func:`build_untrained_checkpoint` makes random-weight models whose detection count is fixed: a
@@ -27,7 +28,6 @@ than ``K`` candidates (up to ``rpn_post_nms_top_n_test`` proposals x 4 classes),
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from cellseg_deploy.backends import get_runner_class
+from cellseg_deploy.backends.cache import cached_export
+from cellseg_deploy.backends.registry import Format, cacheable_formats
 from cellseg_deploy.errors import ConfigError, ModelFileError, UserError
 from cellseg_deploy.io_utils import sha256_file
 
@@ -43,40 +45,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth")
 
 
-@dataclass(frozen=True)
-class Exporter:
-    """How to make a model file of one kind from a checkpoint.
-
-    Attributes:
-        suffix: the runner suffix it serves (``".onnx"``, or ``"/"`` for a folder).
-        module / function: ``function(checkpoint: Path, out: Path)`` in ``module`` (imported lazily).
-        filename: the file or folder name written inside the cache folder.
-        complete: for a folder, a file inside it whose presence marks a finished export.
-        precision: the engine precision it is made for (``None``: any).
-    """
-
-    suffix: str
-    module: str
-    function: str
-    filename: str
-    complete: str | None = None
-    precision: str | None = None
-
-
-EXPORTERS: tuple[Exporter, ...] = (
-    Exporter(".onnx", "cellseg_deploy.backends.onnxrt.export", "export_onnx", "model.onnx"),
-    Exporter(
-        "/", "cellseg_deploy.backends.staged.stages", "export_staged", "stages", complete="manifest.json"
-    ),
-    Exporter(
-        ".xml",
-        "cellseg_deploy.backends.openvino.int8",
-        "export_openvino_int8",
-        "model.int8.xml",
-        precision="int8",
-    ),
-)
-"""Exporters the benchmark may call on its own, by the model file kind a runner reads."""
+EXPORTERS: tuple[Format, ...] = cacheable_formats()
+"""Formats the benchmark may export on its own, by the model file kind a runner reads (from the registry)."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +190,7 @@ def resolve_engine_models(
     checkpoint: Path | None = None,
     model_for: Mapping[str, Path] | None = None,
     cache_dir: Path | None = None,
-    exporters: tuple[Exporter, ...] = EXPORTERS,
+    exporters: tuple[Format, ...] = EXPORTERS,
     on_export: Callable[[str], None] | None = None,
     allow_mismatch: bool = False,
 ) -> dict[str, EngineModel]:
@@ -282,7 +252,13 @@ def resolve_engine_models(
                 f"engine {engine!r} needs a file exported from the checkpoint, but no cache folder was given"
             )
         ckpt_sha = ckpt_sha or sha256_file(checkpoint)
-        path, note = export_cached(checkpoint, ckpt_sha, exporter, cache_dir)
+        cached = cached_export(exporter, checkpoint, cache_dir, checkpoint_sha=ckpt_sha)
+        path = cached.path
+        note = (
+            f"reused {path} exported earlier from {checkpoint} (same SHA-256)"
+            if cached.reused
+            else f"exported {path} from {checkpoint} for this benchmark"
+        )
         if on_export is not None:
             on_export(f"{engine}: {note}")
         cls.check_model_path(path)
@@ -291,42 +267,13 @@ def resolve_engine_models(
 
 
 def _pick_exporter(
-    exporters: tuple[Exporter, ...], suffixes: tuple[str, ...], precision: str | None
-) -> Exporter | None:
-    """The exporter made for ``precision`` among those writing one of ``suffixes``, else a general one."""
+    exporters: tuple[Format, ...], suffixes: tuple[str, ...], precision: str | None
+) -> Format | None:
+    """The format made for ``precision`` among those writing one of ``suffixes``, else a general one."""
     fitting = [e for e in exporters if e.suffix in suffixes]
-    return next((e for e in fitting if e.precision == precision and precision is not None), None) or next(
-        (e for e in fitting if e.precision is None), None
-    )
-
-
-def export_cached(
-    checkpoint: Path, checkpoint_sha: str, exporter: Exporter, cache_dir: Path
-) -> tuple[Path, str]:
-    """Export ``checkpoint`` with ``exporter`` into ``cache_dir/<sha[:16]>/``, or reuse an earlier export.
-
-    Returns ``(path, note)`` where the note says which of the two happened.
-    """
-    folder = cache_dir / checkpoint_sha[:16]
-    path = folder / exporter.filename
-    done = path / exporter.complete if exporter.complete else path
-    if done.exists():
-        return path, f"reused {path} exported earlier from {checkpoint} (same SHA-256)"
-    try:
-        func = getattr(importlib.import_module(exporter.module), exporter.function)
-    except (ImportError, AttributeError) as exc:
-        raise ModelFileError(
-            f"cannot export {exporter.filename} from {checkpoint}: {exporter.module}.{exporter.function} is not "
-            f"available ({type(exc).__name__}); pass the file with --model-for"
-        ) from exc
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info("exporting %s from %s into %s", exporter.filename, checkpoint, folder)
-    func(checkpoint, path)
-    if not done.exists():
-        raise ModelFileError(
-            f"exporting {checkpoint} with {exporter.module}.{exporter.function} wrote no {path}"
-        )
-    return path, f"exported {path} from {checkpoint} for this benchmark"
+    return next(
+        (e for e in fitting if e.cache_precision == precision and precision is not None), None
+    ) or next((e for e in fitting if e.cache_precision is None), None)
 
 
 def build_untrained_checkpoint(

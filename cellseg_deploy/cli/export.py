@@ -1,27 +1,29 @@
-"""``cellseg-deploy export``: a checkpoint to an ONNX graph, stage graphs, or TensorRT engines.
+"""``cellseg-deploy export``: a checkpoint to an ONNX graph, stage graphs, TensorRT engines or an int8 IR.
 
-One library function per format: :func:`cellseg_deploy.backends.onnxrt.export.export_onnx` (``onnx``),
-:func:`cellseg_deploy.backends.staged.export.export_staged` (``staged``),
-:func:`cellseg_deploy.backends.tensorrt.build.build_engines` (``trt``, after ``export_staged`` when given a checkpoint)
-and :func:`cellseg_deploy.backends.openvino.int8.export_openvino_int8` (``openvino-int8``).
+The formats, their exporters and the options each accepts are entries of the format registry
+(:data:`cellseg_deploy.backends.registry.FORMATS`): this command looks the format up, refuses in one line an
+option the entry does not list, turns the options into the exporter's keyword arguments and calls it
+(``onnx``: :func:`~cellseg_deploy.backends.onnxrt.export.export_onnx`, ``staged``:
+:func:`~cellseg_deploy.backends.staged.export.export_staged`, ``trt``:
+:func:`~cellseg_deploy.backends.tensorrt.build.build_engines` after ``export_staged`` when given a checkpoint,
+``openvino-int8``: :func:`~cellseg_deploy.backends.openvino.int8.export_openvino_int8`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from cellseg_deploy.backends.registry import EXPORT_FORMATS
-from cellseg_deploy.cli.common import (
-    check_outputs,
-    echo_table,
-    json_option,
-    overwrite_option,
-    write_json_result,
-)
+from cellseg_deploy.backends.registry import EXPORT_FORMATS, FORMATS, Format, get_format, refused_option
+from cellseg_deploy.cli.common import check_outputs, echo_table, write_json_result
+from cellseg_deploy.cli.options import json_option, overwrite_option, precision_option, progress_option
 from cellseg_deploy.errors import UserError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def _size_pair(value: str | None) -> tuple[int, int] | None:
@@ -41,9 +43,7 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
     type=click.Choice(list(EXPORT_FORMATS)),
     default="onnx",
     show_default=True,
-    help="onnx: one graph (uint8 image in, 28x28 mask probabilities out); staged: backbone+RPN, box head "
-    "and mask head graphs (fp32, and fp16 with --fp16); trt: TensorRT engines of the stages (GPU only); "
-    "openvino-int8: the onnx graph quantised to int8 for the CPU (an OpenVINO IR, calibrated on --calib-data).",
+    help="; ".join(f"{f.name}: {f.summary}" for f in FORMATS if f.exporter is not None) + ".",
 )
 @click.option(
     "--out",
@@ -69,11 +69,12 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
     default=None,
     help="onnx: trace with this image (it must give detections). Default: a synthetic cell image.",
 )
-@click.option(
-    "--fp16/--no-fp16",
+@precision_option(
+    help="What to export, one of each format's precisions: staged: fp16 (default) writes fp32 and fp16 "
+    "graphs, fp32 the fp32 graphs only; trt: fp16 (default) or fp32 engines; onnx: fp32; openvino-int8: int8.",
     default=None,
-    help="staged: also export fp16 graphs (default on); trt: build fp16 engines (default on).",
 )
+@click.option("--fp16/--no-fp16", "fp16", default=None, hidden=True)
 @click.option(
     "--max-batch",
     type=click.IntRange(min=1),
@@ -124,6 +125,7 @@ def _size_pair(value: str | None) -> tuple[int, int] | None:
     default=None,
     help="openvino-int8: number of calibration images (default 16).",
 )
+@progress_option()
 @json_option
 @overwrite_option
 def export_cmd(
@@ -134,6 +136,7 @@ def export_cmd(
     simplify: bool,
     static: bool,
     trace_image: Path | None,
+    precision: str | None,
     fp16: bool | None,
     max_batch: int | None,
     opt_size: str | None,
@@ -143,6 +146,7 @@ def export_cmd(
     timing_cache: Path | None,
     calib_data: Path | None,
     calib_images: int | None,
+    progress: bool,
     json_path: Path | None,
     overwrite: bool,
 ) -> None:
@@ -158,124 +162,121 @@ def export_cmd(
     Examples:
         cellseg-deploy export runs/tiny/best.pt --format onnx --out models/tiny.onnx
         cellseg-deploy export runs/r50/best.pt --format onnx --out models/r50.onnx --simplify --json export.json
-        cellseg-deploy export runs/r50/best.pt --format staged --out models/r50-stages --fp16
-        cellseg-deploy export runs/r50/best.pt --format trt --out models/r50-trt --fp16   # on a GPU machine
+        cellseg-deploy export runs/r50/best.pt --format staged --out models/r50-stages --precision fp16
+        cellseg-deploy export runs/r50/best.pt --format trt --out models/r50-trt --precision fp16   # on a GPU
         cellseg-deploy export runs/r50/best.pt --format openvino-int8 --calib-data data/hw3 --out models/r50.int8.xml
     """
-    result: Any
-    _check_export_outputs(fmt, out, stage_dir, json_path, timing_cache, overwrite)
-    if fmt != "openvino-int8" and (calib_data is not None or calib_images is not None):
-        raise UserError("--calib-data/--calib-images apply to --format openvino-int8 only")
-    if fmt == "openvino-int8":
-        _reject_onnx_only(simplify, static, trace_image)
-        _reject_stage_options(fmt, fp16, max_batch, opt_size, profile_json, stage_dir, timing_cache)
-        from cellseg_deploy.backends.openvino.int8 import DEFAULT_CALIB_IMAGES, export_openvino_int8
-
-        result = export_openvino_int8(
-            checkpoint, out, calib_data=calib_data, calib_images=calib_images or DEFAULT_CALIB_IMAGES
-        )
-        click.echo(
-            f"wrote {result.path} (+ {result.bin_path.name}) in {result.seconds:.1f} s: "
-            f"{len(result.quantised_layers)} layers int8, calibrated on {result.calibration['source']}"
-        )
-    elif fmt == "onnx":
-        _reject_stage_options(fmt, fp16, max_batch, opt_size, profile_json, stage_dir, timing_cache)
-        from cellseg_deploy.backends.onnxrt.export import export_onnx
-
-        image = None
-        if trace_image is not None:
-            from cellseg_deploy.data.io import read_image
-
-            image = read_image(trace_image)
-        result = export_onnx(
-            checkpoint, out, opset=opset, simplify=simplify, trace_image=image, dynamic=not static
-        )
-        _print_onnx(result)
-    elif fmt == "staged":
-        _reject_onnx_only(simplify, static, trace_image)
-        from cellseg_deploy.backends.staged.export import export_staged
-
-        profile = _stage_profile(checkpoint, max_batch, opt_size, profile_json)
-        result = export_staged(
-            checkpoint, out, fp16=True if fp16 is None else fp16, opset=opset, profile=profile
-        )
-        click.echo(
-            f"wrote stage graphs to {result.out_dir} in {result.seconds:.1f} s (manifest {result.manifest})"
-        )
-    else:
-        _reject_onnx_only(simplify, static, trace_image)
-        from cellseg_deploy.backends.tensorrt.build import build_engines, require_tensorrt
-
-        require_tensorrt()  # before any stage export: no GPU or no TensorRT is one line, and nothing is written
-        source = checkpoint
-        profile = None
-        if checkpoint.suffix.lower() in (".pt", ".pth"):
-            # Build the engines from fresh stage graphs of this checkpoint.
-            from cellseg_deploy.backends.staged.export import export_staged
-
-            profile = _stage_profile(checkpoint, max_batch, opt_size, profile_json)
-            source = stage_dir or out / "stages"
-            staged = export_staged(
-                checkpoint, source, fp16=True if fp16 is None else fp16, opset=opset, profile=profile
-            )
-            click.echo(f"wrote stage graphs to {staged.out_dir} in {staged.seconds:.1f} s")
-        elif max_batch is not None or opt_size is not None or profile_json is not None:
-            profile = _stage_profile(None, max_batch, opt_size, profile_json)
-        result = build_engines(
-            source,
-            out,
-            fp16=True if fp16 is None else fp16,
-            workspace_gib=workspace_gib,
-            timing_cache=timing_cache,
-            profile=profile,
-        )
-        click.echo(
-            f"built {result.precision} engines in {result.out_dir} in {result.seconds:.1f} s "
-            f"(manifest {result.manifest})"
-        )
+    entry = get_format(fmt)
+    ctx = click.get_current_context()
+    given = [
+        name for name in ctx.params if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+    ]
+    refusal = refused_option(entry, given)
+    if refusal is not None:
+        raise UserError(refusal)
+    precision = _precision(entry, precision, fp16)
+    _check_export_outputs(entry, out, stage_dir, json_path, timing_cache, overwrite)
+    entry.run_preflight()  # e.g. no GPU or no TensorRT: one line, before anything is written
+    options: dict[str, Any] = {
+        "opset": opset,
+        "simplify": simplify,
+        "static": static,
+        "trace_image": trace_image,
+        "precision": precision,
+        "stage_profile": (max_batch, opt_size, profile_json),
+        "workspace_gib": workspace_gib,
+        "timing_cache": timing_cache,
+        "calib_data": calib_data,
+        "calib_images": calib_images,
+    }
+    source = checkpoint
+    is_checkpoint = checkpoint.suffix.lower() in CHECKPOINT_SUFFIXES
+    if entry.source_format is not None and is_checkpoint:
+        # Build from fresh files of the source format (trt: stage graphs) exported from this checkpoint.
+        first = get_format(entry.source_format)
+        source = stage_dir or out / "stages"
+        staged = first.load_exporter()(checkpoint, source, **_exporter_kwargs(first, options, checkpoint))
+        click.echo(f"wrote stage graphs to {staged.out_dir} in {staged.seconds:.1f} s")
+    # Options that need the model config read it from CHECKPOINT, unless CHECKPOINT is a source-format folder.
+    config_from = None if entry.source_format is not None and not is_checkpoint else checkpoint
+    kwargs = _exporter_kwargs(entry, options, config_from)
+    result = entry.load_exporter()(source, out, **kwargs)
+    _SUMMARIES.get(entry.name, _print_generic)(result)
     write_json_result(json_path, result.to_dict())
 
 
+def _precision(entry: Format, precision: str | None, fp16: bool | None) -> str:
+    """``--precision``, or the deprecated ``--fp16/--no-fp16`` (fp16 / fp32), else the format's default."""
+    if fp16 is not None:
+        alias = "fp16" if fp16 else "fp32"
+        if precision is not None and precision != alias:
+            raise click.UsageError(
+                "--fp16/--no-fp16 is the deprecated spelling of --precision; give --precision only"
+            )
+        click.echo(
+            f"warning: {'--fp16' if fp16 else '--no-fp16'} is deprecated; use --precision {alias} (same meaning)",
+            err=True,
+        )
+        precision = alias
+    if precision is None:
+        return entry.default_precision
+    if precision not in entry.precisions:
+        raise UserError(
+            f"--precision {precision} does not apply to --format {entry.name}; it exports "
+            f"{'/'.join(entry.precisions)}"
+        )
+    return precision
+
+
+def _exporter_kwargs(entry: Format, options: dict[str, Any], checkpoint: Path | None) -> dict[str, Any]:
+    """The exporter's keyword arguments from the command's options, for the options ``entry`` accepts.
+
+    An option left at its default and without a CLI default of its own (``None``) is not passed, so the
+    exporter's default applies (the same call as the library's defaults)."""
+    accepted = entry.options
+    kwargs: dict[str, Any] = {}
+    if "opset" in accepted and entry.source_format is None:
+        kwargs["opset"] = options["opset"]
+    if "simplify" in accepted:
+        kwargs["simplify"] = options["simplify"]
+    if "static" in accepted:
+        kwargs["dynamic"] = not options["static"]
+    if "trace_image" in accepted:
+        image = None
+        if options["trace_image"] is not None:
+            from cellseg_deploy.data.io import read_image
+
+            image = read_image(options["trace_image"])
+        kwargs["trace_image"] = image
+    if "fp16" in accepted:
+        kwargs["fp16"] = options["precision"] == "fp16"
+    if {"max_batch", "opt_size", "profile_json"} <= accepted:
+        kwargs["profile"] = _stage_profile(checkpoint, *options["stage_profile"])
+    for name in ("workspace_gib", "timing_cache", "calib_data", "calib_images"):
+        if name in accepted and options[name] is not None:
+            kwargs[name] = options[name]
+    return kwargs
+
+
 def _check_export_outputs(
-    fmt: str,
+    entry: Format,
     out: Path,
     stage_dir: Path | None,
     json_path: Path | None,
     timing_cache: Path | None,
     overwrite: bool,
 ) -> None:
-    """Every path the export will write, checked before it starts: onnx and openvino-int8 write files (the
-    latter a .bin beside the .xml), staged and trt folders (trt's stage graphs go to --stage-dir, by default a
-    folder inside --out); the timing cache is read and updated, so only its writability counts."""
+    """Every path the export will write, checked before it starts: file formats write files (and their
+    companions beside ``--out``: openvino-int8's .bin), folder formats folders (trt's stage graphs go to
+    --stage-dir, by default a folder inside --out); the timing cache is read and updated, so only its
+    writability counts."""
     outputs: dict[str, Path | None] = {"--out": out, "--json": json_path, "--timing-cache": timing_cache}
-    if fmt == "openvino-int8":
-        outputs["the .bin beside --out"] = out.with_suffix(".bin")
-    if fmt == "trt":
+    for suffix in entry.companions:
+        outputs[f"the {suffix} beside --out"] = out.with_suffix(suffix)
+    if "stage_dir" in entry.options:
         outputs["--stage-dir"] = stage_dir
-    folders = ("--out", "--stage-dir") if fmt in ("staged", "trt") else ()
+    folders = ("--out", "--stage-dir") if entry.kind == "folder" else ()
     check_outputs(outputs, overwrite=overwrite, folders=folders, may_exist=("--timing-cache",))
-
-
-def _reject_stage_options(fmt: str, fp16: bool | None, *others: object) -> None:
-    """``--fp16``, ``--max-batch``, ``--opt-size``, ``--profile-json``, ``--stage-dir``, ``--timing-cache``
-    (in that order in ``others`` after ``fp16``) belong to the staged/trt formats."""
-    flags = ("--max-batch", "--opt-size", "--profile-json", "--stage-dir", "--timing-cache")
-    for flag, given in (
-        ("--fp16", fp16 is not None),
-        *((f, v is not None) for f, v in zip(flags, others, strict=True)),
-    ):
-        if given:
-            raise UserError(f"{flag} applies to --format staged/trt, not {fmt}")
-
-
-def _reject_onnx_only(simplify: bool, static: bool, trace_image: Path | None) -> None:
-    for flag, given in (
-        ("--simplify", simplify),
-        ("--static", static),
-        ("--trace-image", trace_image is not None),
-    ):
-        if given:
-            raise UserError(f"{flag} applies to --format onnx only")
 
 
 def _stage_profile(
@@ -309,6 +310,31 @@ def _stage_profile(
     return StageProfile.for_model(config, max_batch=max_batch or 1, opt_size=_size_pair(opt_size))
 
 
+def _print_staged(result: Any) -> None:
+    click.echo(
+        f"wrote stage graphs to {result.out_dir} in {result.seconds:.1f} s (manifest {result.manifest})"
+    )
+
+
+def _print_trt(result: Any) -> None:
+    click.echo(
+        f"built {result.precision} engines in {result.out_dir} in {result.seconds:.1f} s "
+        f"(manifest {result.manifest})"
+    )
+
+
+def _print_int8(result: Any) -> None:
+    click.echo(
+        f"wrote {result.path} (+ {result.bin_path.name}) in {result.seconds:.1f} s: "
+        f"{len(result.quantised_layers)} layers int8, calibrated on {result.calibration['source']}"
+    )
+
+
+def _print_generic(result: Any) -> None:
+    where = getattr(result, "path", None) or getattr(result, "out_dir", None)
+    click.echo(f"wrote {where} in {getattr(result, 'seconds', 0.0):.1f} s")
+
+
 def _print_onnx(result: Any) -> None:
     checks = result.checks
     click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s")
@@ -336,3 +362,12 @@ def _print_onnx(result: Any) -> None:
             click.echo(f"simplified: {s['nodes_before']} -> {s['nodes_after']} nodes (same outputs)")
         else:
             click.echo(f"not simplified: {s['reason']}")
+
+
+_SUMMARIES: dict[str, Callable[[Any], None]] = {
+    "onnx": _print_onnx,
+    "staged": _print_staged,
+    "trt": _print_trt,
+    "openvino-int8": _print_int8,
+}
+"""What each format's export prints (by format name); a format without an entry gets one generic line."""

@@ -230,33 +230,15 @@ class ImageFailures:
 # ----------------------------------------------------------------------------------------------------------
 # Engines and model caps
 # ----------------------------------------------------------------------------------------------------------
-_SUFFIX_ENGINES: dict[str, str] = {".pt": "torch", ".pth": "torch", ".onnx": "onnx", ".xml": "openvino"}
-_MANIFEST_SUFFIXES = (".json", ".yaml", ".yml")
-_ENGINES_MANIFEST = "engines.json"
-"""The TensorRT engine manifest's file name (:data:`cellseg_deploy.backends.tensorrt.build.ENGINES_MANIFEST`)."""
-
-
 def infer_engine(model_path: str | Path) -> str:
-    """The runner name for a model file: ``.pt``/``.pth`` -> ``torch``, ``.onnx`` -> ``onnx``, an OpenVINO
-    ``.xml`` IR -> ``openvino``, a TensorRT engine manifest (``engines.json``, or a folder holding one and no
-    stage manifest) -> ``trt``, any other folder or manifest (``.json``/``.yaml``) -> ``staged-onnx``.
-    Anything else raises :class:`UserError`."""
-    from cellseg_deploy.backends.registry import list_runners
+    """The runner name for a model file, from the format registry
+    (:func:`~cellseg_deploy.backends.registry.engine_for_path`): ``.pt``/``.pth`` -> ``torch``, ``.onnx`` ->
+    ``onnx``, an OpenVINO ``.xml`` IR -> ``openvino``, a TensorRT engine manifest (``engines.json``, or a folder
+    holding one and no stage manifest) -> ``trt``, any other folder or manifest (``.json``/``.yaml``) ->
+    ``staged-onnx``. Anything else raises :class:`UserError`."""
+    from cellseg_deploy.backends.registry import engine_for_path
 
-    path = Path(model_path)
-    if path.name == _ENGINES_MANIFEST or (
-        path.is_dir() and (path / _ENGINES_MANIFEST).is_file() and not (path / "manifest.json").is_file()
-    ):
-        return "trt"
-    if path.is_dir() or path.suffix.lower() in _MANIFEST_SUFFIXES:
-        return "staged-onnx"
-    engine = _SUFFIX_ENGINES.get(path.suffix.lower())
-    if engine is None:
-        raise UserError(
-            f"cannot tell the engine from {path.name!r} (expected a .pt/.pth checkpoint, an .onnx file, an "
-            f"OpenVINO .xml, a stage folder/manifest or engines.json); pass --engine, one of {', '.join(list_runners())}"
-        )
-    return engine
+    return engine_for_path(model_path)
 
 
 def model_detection_cap(runner: Runner) -> int | None:

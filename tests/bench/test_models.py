@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cellseg_deploy.backends.registry import get_format
 from cellseg_deploy.bench.models import (
-    Exporter,
+    EXPORTERS,
+    _pick_exporter,
     build_untrained_checkpoint,
     check_checkpoint_path,
     parse_model_for,
@@ -58,7 +61,7 @@ def test_parse_model_for_rejects_malformed(item: str) -> None:
 
 def test_exported_file_is_cached_by_checkpoint_hash(random_tiny_checkpoint: Path, tmp_path: Path) -> None:
     # A real function as the "exporter" (a byte copy) exercises the cache without a slow ONNX export.
-    copy = Exporter(".onnx", "shutil", "copyfile", "model.onnx")
+    copy = replace(get_format("onnx"), exporter="shutil:copyfile")
     notes: list[str] = []
     first = resolve_engine_models(
         ["onnx"],
@@ -77,6 +80,19 @@ def test_exported_file_is_cached_by_checkpoint_hash(random_tiny_checkpoint: Path
     )["onnx"]
     assert second.path == first.path
     assert notes[0].startswith("onnx: exported") and "reused" in notes[1]
+
+
+def test_bench_exporters_are_the_registry_formats_and_each_loads() -> None:
+    assert [e.name for e in EXPORTERS] == ["onnx", "staged", "openvino-int8"]
+    for exporter in EXPORTERS:
+        assert callable(exporter.load_exporter())  # a "module:function" that no longer exists fails here
+    # openvino reads .onnx and .xml: at int8 the int8 IR is exported, otherwise the plain ONNX graph
+    picked = _pick_exporter(EXPORTERS, (".onnx", ".xml"), "int8")
+    assert picked is not None and picked.name == "openvino-int8"
+    picked = _pick_exporter(EXPORTERS, (".onnx", ".xml"), "fp32")
+    assert picked is not None and picked.name == "onnx"
+    picked = _pick_exporter(EXPORTERS, ("/", ".json"), None)
+    assert picked is not None and picked.name == "staged"
 
 
 def test_untrained_model_returns_exactly_k_detections(tmp_path: Path) -> None:
