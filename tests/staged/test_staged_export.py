@@ -173,3 +173,33 @@ def test_staged_torch_needs_the_exact_source_checkpoint(stage_dir: Path, tmp_pat
     other.write_bytes(b"not the checkpoint")
     with pytest.raises(ModelFileError, match="is not the one the stage graphs"):
         load_stage_checkpoint(folder, other)
+
+
+def test_fp16_storage_modules_match_native_fp16_and_catch_an_overflow_inside_a_stage() -> None:
+    """The finite check's stage modules (FP16 between layers, FP32 arithmetic) agree with the native FP16
+    modules to FP16 precision; and a hidden activation past 65504 (first mask conv x1e5, the next x1e-5, so
+    FP32 is fine) is inf in their output though the stage's own output would be in range."""
+    from cellseg_deploy.backends.staged.stages import fp16_storage_stage_modules
+    from cellseg_deploy.modeling import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model: Any = build_model(ModelConfig(arch="tiny", min_size=128, max_size=192))
+    storage, native = fp16_storage_stage_modules(model), build_stage_modules(model, "fp16")
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        got, ref = storage["backbone_rpn"](x), native["backbone_rpn"](x)
+    assert len(got) == len(ref) > 0
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == r.dtype == torch.float32 and g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2 * float(r.abs().max()))
+
+    with torch.no_grad():
+        model.roi_heads.mask_head[0][0].weight.mul_(1e5)
+        model.roi_heads.mask_head[0][0].bias.mul_(1e5)
+        model.roi_heads.mask_head[1][0].weight.mul_(1e-5)
+    feats = torch.rand(2, 64, 14, 14)
+    with torch.inference_mode():
+        fp32 = build_stage_modules(model, "fp32")["mask_head"](feats)
+        fp16 = fp16_storage_stage_modules(model)["mask_head"](feats)
+    assert all(bool(torch.isfinite(t).all()) for t in fp32)
+    assert not all(bool(torch.isfinite(t).all()) for t in fp16)

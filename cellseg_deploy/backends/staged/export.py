@@ -4,7 +4,7 @@ with float32 casts at the boundary) in one folder with ``manifest.json``.
 The stage split itself (stage modules, BatchNorm folding, geometry, the profile, the folder format) is in
 :mod:`~cellseg_deploy.backends.staged.stages`; this module traces it, writes the manifest, and checks that no
 fp16 stage output is inf or NaN on the profile's largest image (:func:`check_stages_finite`, which runs the
-traced modules through the staged runner's own pipeline).
+stage modules with FP16 storage through the staged runner's own pipeline).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cellseg_deploy.backends.staged.executors import StageExecutor
-from cellseg_deploy.backends.staged.runner import StagedPipeline, torch_stage_executor
+from cellseg_deploy.backends.staged.executors import StageExecutor, TorchExecutor
+from cellseg_deploy.backends.staged.runner import StagedPipeline, load_stage_checkpoint, torch_stage_executor
 from cellseg_deploy.backends.staged.stages import (
     BOUNDARY_DTYPE,
     MANIFEST_NAME,
@@ -31,6 +31,7 @@ from cellseg_deploy.backends.staged.stages import (
     StageGeometry,
     StageProfile,
     build_stage_modules,
+    fp16_storage_stage_modules,
     load_stage_folder,
     stage_file,
     synthetic_input,
@@ -151,8 +152,8 @@ def export_staged(
         fp16: also export the FP16 graphs.
         opset: ONNX opset.
         profile: the shape ranges to record for engines; default :meth:`StageProfile.for_model`.
-        check_finite: run the FP16 stages (the traced PyTorch modules, FP16 activations) on a synthetic image
-            of the profile's largest size and fail if any stage output is inf or NaN.
+        check_finite: run the FP16 stages (:func:`fp16_storage_stage_modules`: FP16 tensors between layers)
+            on a synthetic image of the profile's largest size and fail if any stage output is inf or NaN.
 
     Raises:
         CheckpointError: unreadable checkpoint.
@@ -206,14 +207,11 @@ def export_staged(
 
     finite: dict[str, Any] = {}
     if check_finite:
-        from cellseg_deploy.backends.staged.executors import TorchExecutor
-        from cellseg_deploy.backends.staged.export import check_stages_finite
-
         names = {s: [o["name"] for o in geometry.io(s)[1]] for s in STAGES}
         for precision in [p for p in precisions if p != "fp32"]:  # FP32 has 1e34 times FP16's range
-            # The traced modules themselves, in PyTorch: activations stay FP16 (ONNX Runtime's CPU provider
-            # would compute the FP16 graph's convolutions in FP32 and hide an overflow).
-            executor = TorchExecutor(modules[precision], names)
+            # FP16 storage around FP32 arithmetic, in PyTorch (ONNX Runtime's CPU provider would keep the FP16
+            # graph's convolutions in FP32 and hide an overflow; native FP16 modules are slow on most CPUs).
+            executor = TorchExecutor(fp16_storage_stage_modules(model), names)
             report = check_stages_finite(out_dir, precision, executor=executor)
             finite[precision] = report
             if not report["finite"]:
@@ -283,9 +281,9 @@ def check_stages_finite(
     """Run a stage folder's stages on a synthetic image of the profile's largest size and report whether every
     stage output is finite.
 
-    ``executor``: what runs the stages; default the PyTorch stage modules of the source checkpoint on the CPU
-    (:func:`torch_stage_executor`), which keep FP16 activations in FP16, so an overflow shows as inf (ONNX
-    Runtime's CPU provider would compute FP16 convolutions in FP32 and hide it).
+    ``executor``: what runs the stages; default the source checkpoint's stage modules on the CPU, for ``fp16``
+    with FP16 storage (:func:`fp16_storage_stage_modules`), so an overflow shows as inf (ONNX Runtime's CPU
+    provider would compute FP16 convolutions in FP32 and hide it).
 
     The input is :func:`~cellseg_deploy.backends.staged.stages.synthetic_input` (noise, saturated blocks, bright
     discs), normalised, ``[1, 3, H_max, W_max]``; the box head sees this image's proposals, the mask head its
@@ -296,6 +294,11 @@ def check_stages_finite(
     """
 
     folder = load_stage_folder(stage_dir)
+    if executor is None and precision == "fp16":
+        model = load_stage_checkpoint(folder).build_model()
+        executor = TorchExecutor(
+            fp16_storage_stage_modules(model), {s: folder.output_names(s) for s in STAGES}
+        )
     executor = executor or torch_stage_executor(folder, precision)
     pipeline = StagedPipeline(folder, executor)
     h, w = pipeline.profile.image_max

@@ -364,6 +364,39 @@ def build_stage_modules(model: nn.Module, precision: str) -> dict[str, nn.Module
     return out
 
 
+def _round_to_fp16(value: Any) -> Any:
+    """``value`` with every floating tensor in it rounded to the nearest FP16 number (past 65504: inf), kept
+    float32; tuples, lists and dicts are walked."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float16).to(value.dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple | list):
+        return type(value)(_round_to_fp16(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _round_to_fp16(v) for k, v in value.items()}
+    return value
+
+
+def fp16_storage_stage_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The stage modules with FP16 storage and FP32 arithmetic: FP32 modules whose weights, and every tensor
+    entering or leaving each submodule, are rounded to FP16 (an overflow past 65504 shows as inf).
+
+    This is how an FP16 engine computes (FP16 tensors between layers, FP32 accumulation inside them), and it
+    runs at FP32 speed: PyTorch's native FP16 convolutions are emulated, and many times slower, on CPUs
+    without FP16 arithmetic. The export's finite check runs these on the CPU; values differ from the native
+    FP16 modules only in the rounding inside a layer, not in whether an activation overflows.
+    """
+    modules = build_stage_modules(model, "fp32")
+    for stage in modules.values():
+        with torch.no_grad():
+            for tensor in itertools.chain(stage.parameters(), stage.buffers()):
+                if tensor.is_floating_point():
+                    tensor.copy_(_round_to_fp16(tensor))
+        for sub in stage.modules():
+            sub.register_forward_pre_hook(lambda _m, args: _round_to_fp16(args))
+            sub.register_forward_hook(lambda _m, _args, out: _round_to_fp16(out))
+    return modules
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model geometry (what the manifest records about the stages' tensors)
 # ----------------------------------------------------------------------------------------------------------
