@@ -51,7 +51,7 @@ def _run_parity(
             engine,
             "--data",
             str(data),
-            "--profile",
+            "--precision",
             profile,
             "--split",
             "all",

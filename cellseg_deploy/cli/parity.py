@@ -72,7 +72,7 @@ from cellseg_deploy.evaluation.parity import DEFAULT_MIN_INSTANCES
     "tols",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Override one limit of the profile, e.g. --tol max_box_diff=1.0 --tol min_agreement=0.97 (repeatable).",
+    help="Override one limit of the profile, e.g. --tol max_box_diff=1.0 --tol min_agreement=0.97, or turn a check off with --tol max_box_diff=off (repeatable).",
 )
 @click.option(
     "--score-thresh",

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from cellseg_deploy.backends.base import Runner
-from cellseg_deploy.data.coco import SPLITS
 from cellseg_deploy.data.io import DEFAULT_MAX_PIXELS
+from cellseg_deploy.data.layout import DEFAULT_VAL_FRACTION, SPLITS
 from cellseg_deploy.data.layout import TEST_MAP_NAME as ID_MAP_NAME
 from cellseg_deploy.errors import CheckFailed, DataError, UserError, naming_model_output
 from cellseg_deploy.evaluation.coco_eval import (
@@ -313,7 +313,7 @@ def run_dataset(
     data_root: str | Path,
     split: str,
     *,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     post: PostprocessConfig = EVAL_POSTPROCESS,
     progress: bool = True,
@@ -481,7 +481,7 @@ def evaluate_model(
     max_dets: int = DEFAULT_MAX_DETS,
     score_thresh: float = 0.0,
     mask_thresh: float = 0.5,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     device: str = "cpu",
     precision: str = "fp32",

@@ -72,8 +72,6 @@ def test_int8_passes_parity_and_the_ap50_gate(trained_tiny, trained_int8: Path, 
             "openvino",
             "--precision",
             "int8",
-            "--profile",
-            "int8",
             "--data",
             str(data),
             # every image of the set: the 2 validation images hold ~40 cells, where one flipped instance

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cellseg_deploy.data.layout import DEFAULT_VAL_FRACTION
 from cellseg_deploy.matching import DEFAULT_MIN_IOU, match_instances
 from cellseg_deploy.structures import Instances
 
@@ -207,7 +208,7 @@ def write_parity_overlays(
     gt = dataset_to_coco(
         Path(data_root),
         st.get("split", "val"),
-        val_fraction=st.get("val_fraction", 0.2),
+        val_fraction=st.get("val_fraction", DEFAULT_VAL_FRACTION),
         seed=st.get("seed", 0),
     )
     entries = {int(e["id"]): e for e in gt["images"]}

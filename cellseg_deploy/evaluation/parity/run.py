@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellseg_deploy.data.layout import DEFAULT_VAL_FRACTION
 from cellseg_deploy.errors import UserError, naming_model_output
 from cellseg_deploy.evaluation.parity.compare import compare_runs
 from cellseg_deploy.evaluation.parity.report import ParityReport
@@ -44,7 +45,7 @@ def run_parity(
     candidate_device: str | None = None,
     candidate_precision: str | None = None,
     threads: int | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     progress: bool = True,
     min_instances: int = DEFAULT_MIN_INSTANCES,
