@@ -129,7 +129,7 @@ def test_export_rejects_bad_options(random_tiny_checkpoint: Path, tmp_path: Path
         main(["export", ckpt, "--format", "onnx", "--calib-images", "4", "--out", str(tmp_path / "m.onnx")])
         == 2
     )
-    assert "apply to --format openvino-int8 only" in capsys.readouterr().err
+    assert "--calib-images applies to --format openvino-int8, not onnx" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
