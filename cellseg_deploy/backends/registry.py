@@ -170,6 +170,11 @@ EXPORT_OPTIONS: frozenset[str] = frozenset().union(*(f.options for f in FORMATS)
 RUNNER_MODULES: dict[str, str] = {r: f.runner_module for f in FORMATS for r in f.runners}
 """Runner name -> module that defines it (imported on first use)."""
 
+CHECKPOINT_SUFFIXES: tuple[str, ...] = tuple(
+    s for f in FORMATS if f.kind == "checkpoint" for s in (f.suffix, *f.also_reads)
+)
+"""Suffixes of checkpoint files (``.pt``, ``.pth``)."""
+
 SUFFIX_ENGINES: dict[str, str] = {
     s: f.runners[0] for f in FORMATS for s in (f.suffix, *f.also_reads) if s != "/" and f.runners
 }

@@ -36,14 +36,11 @@ from typing import Any
 
 from cellseg_deploy.backends import get_runner_class
 from cellseg_deploy.backends.cache import cached_export
-from cellseg_deploy.backends.registry import Format, cacheable_formats
+from cellseg_deploy.backends.registry import CHECKPOINT_SUFFIXES, Format, cacheable_formats
 from cellseg_deploy.errors import ConfigError, ModelFileError, UserError
 from cellseg_deploy.io_utils import sha256_file
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth")
-
 
 EXPORTERS: tuple[Format, ...] = cacheable_formats()
 """Formats the benchmark may export on its own, by the model file kind a runner reads (from the registry)."""

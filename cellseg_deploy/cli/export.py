@@ -18,12 +18,17 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from cellseg_deploy.backends.registry import EXPORT_FORMATS, FORMATS, Format, get_format, refused_option
+from cellseg_deploy.backends.registry import (
+    CHECKPOINT_SUFFIXES,
+    EXPORT_FORMATS,
+    FORMATS,
+    Format,
+    get_format,
+    refused_option,
+)
 from cellseg_deploy.cli.common import check_outputs, echo_table, write_json_result
 from cellseg_deploy.cli.options import json_option, overwrite_option, precision_option, progress_option
 from cellseg_deploy.errors import UserError
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def _size_pair(value: str | None) -> tuple[int, int] | None:

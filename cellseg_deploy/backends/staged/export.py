@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cellseg_deploy.backends.staged.executors import StageExecutor, TorchExecutor
-from cellseg_deploy.backends.staged.runner import StagedPipeline, load_stage_checkpoint, torch_stage_executor
+from cellseg_deploy.backends.staged.runner import StagedPipeline, torch_stage_executor
 from cellseg_deploy.backends.staged.stages import (
     BOUNDARY_DTYPE,
     MANIFEST_NAME,
@@ -294,12 +294,7 @@ def check_stages_finite(
     """
 
     folder = load_stage_folder(stage_dir)
-    if executor is None and precision == "fp16":
-        model = load_stage_checkpoint(folder).build_model()
-        executor = TorchExecutor(
-            fp16_storage_stage_modules(model), {s: folder.output_names(s) for s in STAGES}
-        )
-    executor = executor or torch_stage_executor(folder, precision)
+    executor = executor or torch_stage_executor(folder, precision, fp16_storage=True)
     pipeline = StagedPipeline(folder, executor)
     h, w = pipeline.profile.image_max
     image = synthetic_input(h, w, seed=seed)[0]

@@ -780,14 +780,20 @@ def torch_stage_executor(
     device: str = "cpu",
     checkpoint: Path | None = None,
     tf32: bool = False,
+    fp16_storage: bool = False,
 ) -> StageExecutor:
     """A :class:`~cellseg_deploy.backends.staged.executors.TorchExecutor` running the stage modules of the
-    folder's source checkpoint in ``precision`` (what the graphs were traced from); ``tf32`` as there."""
+    folder's source checkpoint in ``precision`` (what the graphs were traced from); ``tf32`` as there.
+    ``fp16_storage``: for ``fp16``, FP32 modules with FP16 storage
+    (:func:`~cellseg_deploy.backends.staged.stages.fp16_storage_stage_modules`) instead of native FP16 ones."""
     from cellseg_deploy.backends.staged.executors import TorchExecutor
-    from cellseg_deploy.backends.staged.stages import build_stage_modules
+    from cellseg_deploy.backends.staged.stages import build_stage_modules, fp16_storage_stage_modules
 
     model = load_stage_checkpoint(folder, checkpoint).build_model()
-    modules = build_stage_modules(model, precision)
+    if fp16_storage and precision == "fp16":
+        modules = fp16_storage_stage_modules(model)
+    else:
+        modules = build_stage_modules(model, precision)
     return TorchExecutor(modules, {s: folder.output_names(s) for s in STAGES}, device=device, tf32=tf32)
 
 
