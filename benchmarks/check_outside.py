@@ -116,7 +116,8 @@ def check_outside(
             device=device,
             precision=precision or "fp32",
             threads=threads,
-            options=options,
+            # the loop's own needs (OpenVINO's streams for concurrency), as the benchmark's runner gets them
+            options={**(loop.runner_options(runner_name) if loop is not None else {}), **options},
         ) as runner,
     ):
         out_zip = Path(tmp) / "submission.zip"

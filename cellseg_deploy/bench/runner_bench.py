@@ -54,7 +54,7 @@ from cellseg_deploy.bench.stats import summarize
 from cellseg_deploy.bench.timing import CudaEventTimer, SyncFn, device_synchronizer
 from cellseg_deploy.bench.workload import Workload
 from cellseg_deploy.errors import ConfigError, UserError, naming_model_output
-from cellseg_deploy.evaluation.pipeline import check_batching
+from cellseg_deploy.evaluation.pipeline import PipelineSettings, check_batching
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
 from cellseg_deploy.structures import Detections
 
@@ -434,8 +434,10 @@ def _runner_options(runner_name: str, settings: BenchSettings) -> dict[str, Any]
     options = dict(settings.runner_options.get(runner_name, {}))
     if settings.batch > 1:
         options.setdefault("max_batch", settings.batch)
-    if settings.mode == "throughput" and settings.concurrency > 1 and runner_name == "openvino":
-        options.setdefault("num_streams", settings.concurrency)  # concurrent requests need their streams
+    if settings.mode == "throughput":
+        loop = PipelineSettings(workers=settings.workers or 0, concurrency=settings.concurrency)
+        for key, value in loop.runner_options(runner_name).items():
+            options.setdefault(key, value)  # what the loop needs, unless the user set it
     return options
 
 
@@ -444,7 +446,7 @@ def _run_throughput(
 ) -> dict[str, Any]:
     """Throughput mode of :func:`run_benchmark`: each engine alone, through the pipelined loop."""
     from cellseg_deploy.data.io import read_image
-    from cellseg_deploy.evaluation.pipeline import PipelineSettings, inference_handles, run_pipeline
+    from cellseg_deploy.evaluation.pipeline import inference_handles, run_pipeline
     from cellseg_deploy.evaluation.predict import finish_image, infer_images
 
     pipeline = PipelineSettings(

@@ -79,11 +79,6 @@ def _pipeline(workers: int | None, batch: int, concurrency: int, device: str) ->
     return PipelineSettings(workers=workers, batch=batch, concurrency=concurrency, depth=2 if workers else 0)
 
 
-def _concurrency_options(engine: str, concurrency: int) -> dict[str, Any]:
-    """OpenVINO runs concurrent calls in parallel only with as many streams (it gives one by default)."""
-    return {"num_streams": concurrency} if engine == "openvino" and concurrency > 1 else {}
-
-
 def _overlay_score_option(func: F) -> F:
     """``--overlay-score``: what the overlays draw (the scores and the submission keep every detection)."""
     return click.option(
@@ -361,7 +356,7 @@ def predict_cmd(
             device=distributed.rank_device(dist, device),
             precision=precision,
             threads=distributed.rank_threads(dist, threads, device),
-            options=_concurrency_options(name, concurrency),
+            options=pipeline.runner_options(name),
         ) as runner,
     ):
         summary = predict_folder(

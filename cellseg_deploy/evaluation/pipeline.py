@@ -83,6 +83,14 @@ class PipelineSettings:
         host = self.workers + self.depth
         return 2 * host + self.batch * (self.concurrency + self.depth) + 1
 
+    def runner_options(self, runner_name: str) -> dict[str, Any]:
+        """The runner options this loop needs from a ``runner_name`` runner it drives: OpenVINO runs
+        concurrent infer requests in parallel only with as many streams (it compiles one by default), so
+        ``concurrency > 1`` without them would queue the calls and measure one stream."""
+        if runner_name == "openvino" and self.concurrency > 1:
+            return {"num_streams": self.concurrency}
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
         return {

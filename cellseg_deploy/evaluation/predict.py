@@ -525,7 +525,10 @@ def evaluate_model(
     post = PostprocessConfig(score_thresh=score_thresh, mask_thresh=mask_thresh, max_dets=None)
     engine = engine or infer_engine(model_path)
     t0 = time.perf_counter()
-    with create_runner(engine, model_path, device=device, precision=precision, threads=threads) as runner:
+    options = pipeline.runner_options(engine)
+    with create_runner(
+        engine, model_path, device=device, precision=precision, threads=threads, options=options
+    ) as runner:
         gt, predictions = run_dataset(
             runner,
             data_root,

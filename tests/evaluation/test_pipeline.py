@@ -3,6 +3,7 @@ sequential loop with a real ONNX Runtime model on real TIFF files."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -293,3 +294,22 @@ def test_pipelined_parity_compares_the_same(
     assert reports[0].overall["n_ref"] > 10
     assert reports[1].overall == reports[0].overall
     assert reports[1].passed == reports[0].passed
+
+
+def test_openvino_gets_a_stream_for_each_concurrent_call(
+    busy_onnx: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--concurrency 2`` on OpenVINO compiles two streams: with the default one, the second infer request
+    would wait for the first and the loop would run one call at a time."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'")
+    from cellseg_deploy.cli.main import main
+
+    streams = {}
+    for concurrency in ("1", "2"):
+        out, report = tmp_path / concurrency / "s.zip", tmp_path / f"{concurrency}.json"
+        argv = ["predict", str(busy_onnx), str(folder), "--engine", "openvino", "--out", str(out)]
+        argv += ["--workers", "2", "--concurrency", concurrency, "--no-progress", "--json", str(report)]
+        assert main(argv) == 1, "the corrupt image is skipped and named: exit 1"
+        capsys.readouterr()
+        streams[concurrency] = json.loads(report.read_text())["runner"]["num_streams"]
+    assert streams == {"1": 1, "2": 2}

@@ -145,16 +145,27 @@ def _overlaps_and_empty_masks(checkpoint: Path, data_root: Path, score_thresh: f
     return overlaps, empty
 
 
+@pytest.fixture(scope="module")
+def overlaps_and_empty(parity_model: ParityModel) -> tuple[int, int]:
+    """:func:`_overlaps_and_empty_masks` of the parity model at 0.05, computed once for the cases below."""
+    return _overlaps_and_empty_masks(parity_model.checkpoint, parity_model.data_root, 0.05)
+
+
 @pytest.mark.parametrize("score_thresh", [0.05, 0.5])
 @pytest.mark.parametrize("candidate", ["itself", "onnx"])
 def test_identical_candidates_agree_exactly(
-    parity_model: ParityModel, parity_onnx: Path, tmp_path: Path, candidate: str, score_thresh: float
+    parity_model: ParityModel,
+    parity_onnx: Path,
+    overlaps_and_empty: tuple[int, int],
+    tmp_path: Path,
+    candidate: str,
+    score_thresh: float,
 ) -> None:
     """The checkpoint against itself and against its fp32 export, on every training image, at a low and the
     default threshold: the agreement is exactly 1.0 although the reference holds overlapping same-class
     detections and empty masks (where COCOeval of one set against itself stays below 1)."""
     m = parity_model
-    overlaps, empty = _overlaps_and_empty_masks(m.checkpoint, m.data_root, 0.05)
+    overlaps, empty = overlaps_and_empty
     assert overlaps > 0 and empty > 0, f"precondition: overlaps {overlaps}, empty masks {empty} at 0.05"
     model, engine = (m.checkpoint, "torch") if candidate == "itself" else (parity_onnx, "onnx")
     argv = [

@@ -38,7 +38,8 @@ def staged_predictions(
         ("staged-onnx", "fp32"),
         # ONNX Runtime's CPU provider: FP16 weights, but convolutions and matrix products computed in FP32.
         ("staged-onnx", "fp16"),
-        # The traced modules in PyTorch: every activation stored in FP16, the arithmetic TensorRT will do.
+        # The stage modules in PyTorch: every tensor between layers stored in FP16, as in an FP16 engine (on
+        # the CPU by default with FP32 arithmetic inside each layer, option fp16_math=storage).
         ("staged-torch", "fp16"),
     ],
 )
@@ -56,6 +57,27 @@ def test_parity_with_pytorch(
     if precision == "fp32":  # same arithmetic: far inside the profile
         assert report.overall["max_box_diff"] < 1e-3 and report.overall["min_iou"] > 0.99
         assert report.overall["matched"] == report.overall["n_ref"]
+
+
+def test_staged_torch_fp16_math_defaults_to_storage_on_the_cpu_and_refuses_others(
+    stage_dir: Path, cell_images: dict[int, np.ndarray]
+) -> None:
+    image = cell_images[2]
+    with create_runner("staged-torch", stage_dir, precision="fp16", threads=1) as runner:
+        storage = runner.infer(image)
+        assert runner.info()["fp16_math"] == "storage"
+    with create_runner(
+        "staged-torch", stage_dir, precision="fp16", threads=1, options={"fp16_math": "native"}
+    ) as runner:
+        assert runner.info()["fp16_math"] == "native"
+    with create_runner("staged-torch", stage_dir, precision="fp32", threads=1) as runner:
+        fp32 = runner.infer(image)
+        assert "fp16_math" not in runner.info()
+    assert len(storage) > 0 and len(fp32) > 0
+    assert not np.array_equal(storage.scores, fp32.scores), "FP16 storage left every score unrounded"
+    half = create_runner("staged-torch", stage_dir, precision="fp16", options={"fp16_math": "half"})
+    with pytest.raises(UserError, match="fp16_math='half'"):
+        half.load()
 
 
 def test_timings_per_stage(stage_dir: Path, cell_images: dict[int, np.ndarray]) -> None:

@@ -203,7 +203,8 @@ def test_adamw_plateau_bf16_clipping_and_early_stop(small_data: Path, tmp_path: 
         "tiny_cpu",
         [*SMALL, "optim.name=adamw", "optim.lr=1e-3", "optim.grad_clip=1.0", "schedule.name=plateau",
          "schedule.patience=1", "schedule.gamma=0.5", "schedule.warmup_steps=0", "train.precision=bf16",
-         "train.epochs=6", "val.every_epochs=1", "val.early_stop_patience=2", "val.min_delta=1.0"],
+         "train.epochs=6", "val.every_epochs=1", "val.early_stop_patience=2", "val.min_delta=1.0",
+         "data.max_train_images=4"],  # bf16 is emulated, slowly, on CPUs without it
     )  # fmt: skip
     result = train(recipe, small_data, tmp_path / "run", progress=False)
     assert result.stop_reason == "early_stop" and result.epochs == 3

@@ -33,6 +33,7 @@ Precision ``fp32`` or ``fp16`` selects the stage graphs (``staged-onnx``) or eng
 ``max_batch`` (images per backbone call; at most the profile's batch maximum), for ``trt`` also ``rebuild``
 (rebuild engines that are missing or were built for another TensorRT/GPU), ``cuda_graphs``, ``workspace_gib``;
 for ``staged-onnx`` and ``staged-torch`` ``tf32`` (allow TF32 for fp32 work on a GPU; default off); for
+``staged-torch`` ``fp16_math`` (``storage`` or ``native`` FP16, :func:`default_fp16_math`); for
 ``staged-onnx`` ``roi_threads`` (threads of the host RoIAlign, :class:`RoiWorkers`; default on the CPU the
 runner's ``threads``).
 """
@@ -797,27 +798,52 @@ def torch_stage_executor(
     return TorchExecutor(modules, {s: folder.output_names(s) for s in STAGES}, device=device, tf32=tf32)
 
 
+FP16_MATH: tuple[str, ...] = ("storage", "native")
+"""How ``staged-torch`` computes ``fp16``: ``native`` FP16 modules, or FP16 ``storage`` with FP32 arithmetic
+(:func:`~cellseg_deploy.backends.staged.stages.fp16_storage_stage_modules`)."""
+
+
+def default_fp16_math(device: str) -> str:
+    """``native`` on a GPU (FP16 arithmetic in hardware); ``storage`` on the CPU, where PyTorch emulates FP16
+    convolutions many times slower than FP32 ones and storage rounding gives the same FP16 tensors between
+    layers, which is what decides an overflow or a lost detection."""
+    return "native" if device.startswith("cuda") else "storage"
+
+
 @register_runner
 class StagedTorchRunner(_StagedRunnerBase):
     """The stage modules in PyTorch (from the checkpoint the stage folder references, SHA-256 checked) with the
-    same host steps: ``fp16`` keeps every activation in FP16, on the CPU too, so it is the faithful FP16
+    same host steps: ``fp16`` keeps every tensor between layers in FP16, on the CPU too, so it is the FP16
     reference without a GPU. Options: ``checkpoint`` (where the source checkpoint is now, if it moved),
-    ``tf32`` (allow TF32 for fp32 stages on a GPU; default off, fp32 computes in fp32)."""
+    ``tf32`` (allow TF32 for fp32 stages on a GPU; default off, fp32 computes in fp32), ``fp16_math``
+    (:data:`FP16_MATH`; default :func:`default_fp16_math` of the device)."""
 
     name = "staged-torch"
-    description = "stage modules in PyTorch (fp16: real FP16 activations, CPU or GPU) + FP32 host steps"
+    description = "stage modules in PyTorch (fp16: FP16 tensors between layers, CPU or GPU) + FP32 host steps"
 
     def _make_pipeline(self) -> StagedPipeline:
         folder = load_stage_folder(self.model_path)
         path = self.options.get("checkpoint")
+        self.fp16_math = str(self.options.get("fp16_math", default_fp16_math(self.device)))
+        if self.fp16_math not in FP16_MATH:
+            raise UserError(
+                f"staged-torch option fp16_math={self.fp16_math!r}: expected one of {', '.join(FP16_MATH)}"
+            )
         executor = torch_stage_executor(
             folder,
             self.precision,
             device=self.device,
             checkpoint=Path(path) if path else None,
             tf32=_flag(self.options.get("tf32", False)),
+            fp16_storage=self.fp16_math == "storage",
         )
         return StagedPipeline(folder, executor)
+
+    def _info(self) -> dict[str, Any]:
+        info = super()._info()
+        if self.precision == "fp16":
+            info["fp16_math"] = self.fp16_math
+        return info
 
 
 def _int_option(options: Mapping[str, Any], key: str) -> int | None:
