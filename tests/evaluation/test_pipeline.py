@@ -301,7 +301,9 @@ def test_openvino_gets_a_stream_for_each_concurrent_call(
 ) -> None:
     """``--concurrency 2`` on OpenVINO compiles two streams: with the default one, the second infer request
     would wait for the first and the loop would run one call at a time."""
-    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'")
+    pytest.importorskip(
+        "openvino", reason="OpenVINO is not installed: pip install 'cellseg-deploy[openvino]'"
+    )
     from cellseg_deploy.cli.main import main
 
     streams = {}
