@@ -136,6 +136,11 @@ class BenchSettings:
     concurrency: int = 1
     workers: int | None = None
 
+    @property
+    def loop(self) -> PipelineSettings:
+        """The pipelined loop of throughput mode (its workers, batch and concurrency)."""
+        return PipelineSettings(workers=self.workers or 0, batch=self.batch, concurrency=self.concurrency)
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -435,8 +440,7 @@ def _runner_options(runner_name: str, settings: BenchSettings) -> dict[str, Any]
     if settings.batch > 1:
         options.setdefault("max_batch", settings.batch)
     if settings.mode == "throughput":
-        loop = PipelineSettings(workers=settings.workers or 0, concurrency=settings.concurrency)
-        for key, value in loop.runner_options(runner_name).items():
+        for key, value in settings.loop.runner_options(runner_name).items():
             options.setdefault(key, value)  # what the loop needs, unless the user set it
     return options
 
@@ -449,9 +453,7 @@ def _run_throughput(
     from cellseg_deploy.evaluation.pipeline import inference_handles, run_pipeline
     from cellseg_deploy.evaluation.predict import finish_image, infer_images
 
-    pipeline = PipelineSettings(
-        workers=settings.workers or 0, batch=settings.batch, concurrency=settings.concurrency
-    )
+    pipeline = settings.loop
     paths = [im.path for im in workload.images]
     load_before = load_average()
     samples: list[_Sample] = []
