@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
-from cellseg_deploy.tables import markdown_table
+from cellseg_deploy.tables import format_metric, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,10 @@ def _summary_rows(card: dict[str, Any]) -> list[list[Any]]:
             out.append([r["engine"], "-", "skipped (cannot run here, see report.md)", "-"])
             continue
         p50 = (r.get("speed") or {}).get("p50_ms")
-        out.append([r["engine"], _fmt(r["accuracy"]["AP50"]), r["parity"]["verdict"], _fmt(p50, 1)])
+        out.append(
+            [r["engine"], format_metric(r["accuracy"]["AP50"]), r["parity"]["verdict"], format_metric(p50, 1)]
+        )
     return out
-
-
-def _fmt(v: float | None, digits: int = 4) -> str:
-    return "n/a" if v is None else f"{float(v):.{digits}f}"
 
 
 def write_report(
@@ -282,10 +280,10 @@ def write_report(
         arow.append(
             [
                 r["engine"],
-                _fmt(a["AP"]),
-                _fmt(a["AP50"]),
-                _fmt(a.get("AP75")),
-                ", ".join(f"{k} {_fmt(v)}" for k, v in per_class.items()),
+                format_metric(a["AP"]),
+                format_metric(a["AP50"]),
+                format_metric(a.get("AP75")),
+                ", ".join(f"{k} {format_metric(v)}" for k, v in per_class.items()),
                 a.get("detections"),
             ]
         )
@@ -293,7 +291,7 @@ def write_report(
         markdown_table(arow, ["backend", "AP", "AP50", "AP75", "per-class AP50", "detections"]),
         "",
         f"Detection cap: {config.max_dets} per image and category (COCOeval maxDets).",
-        f"Test split (ONNX Runtime): segm AP50 {_fmt(test_eval.metrics['segm']['AP50'])}.",
+        f"Test split (ONNX Runtime): segm AP50 {format_metric(test_eval.metrics['segm']['AP50'])}.",
         "",
         "## Speed",
         "",

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from cellseg_deploy import __version__
+from cellseg_deploy.cpu import cpu_flags, vector_instructions
 
 # Import name -> distribution names that may provide it (first installed one wins).
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
@@ -173,6 +174,8 @@ def capture_environment(device: str = "cpu", threads: int | None = None) -> dict
             "physical_cores": psutil.cpu_count(logical=False),
             "usable_cores": affinity,
             "architecture": platform.machine(),
+            # the marketing name does not tell an AVX2-only CPU from one with AVX-512 VNNI or AMX
+            "instructions": vector_instructions(cpu_flags()),
         },
         "memory_total_mb": round(psutil.virtual_memory().total / 2**20, 1),
         "threads": {"requested": threads, **thread_settings()},

@@ -1,10 +1,11 @@
-"""Peak memory of one engine, measured in a fresh process.
+"""Peak memory and latency of one engine alone, measured in a fresh process.
 
 The latency measurement keeps every engine loaded in one process (so they can be interleaved), which makes
-the process's memory high-water mark a mix of all of them. Here each engine runs alone in a new Python
+the process's memory high-water mark a mix of all of them, and lets the engines slow each other down (the
+thread pools of the other runtimes, caches, memory bandwidth). Here each engine runs alone in a new Python
 process (``python -m cellseg_deploy.bench.memory``) that imports what the engine needs, records its resident
 set size (RSS), loads the engine, runs the same pipeline as the benchmark (decode, infer, post-process) over
-the workload, and reports:
+the workload (``warmup`` untimed passes, then ``rounds`` timed ones), and reports:
 
 - ``baseline_rss_mb``: RSS after imports, before the model is loaded (interpreter + libraries);
 - ``loaded_rss_mb``: RSS after the model is loaded;
@@ -15,7 +16,10 @@ the workload, and reports:
   only, so it covers the torch runner and not ONNX Runtime or TensorRT allocations) and
   ``cuda_device_used_peak_over_baseline_mb`` (device-wide used memory from ``cudaMemGetInfo``, sampled
   after every call, minus its value before loading: every allocator and the CUDA context of this process,
-  but also any change made by other processes on the same GPU meanwhile).
+  but also any change made by other processes on the same GPU meanwhile);
+- ``alone_latency``: ``n``, ``p50_ms`` and ``mean_ms`` of the timed calls (host wall clock, one call = one
+  benchmark sample: decode + infer + post-process, device synchronised at the end), which the benchmark sets
+  beside the same engine's latency in the interleaved run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +68,11 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one engine over the workload in *this* process and report its memory (see the module docstring).
 
     ``spec`` keys: ``engine`` (runner name), ``label`` (optional, for the report), ``model_path``, ``device``, ``precision``, ``threads``, ``batch``,
-    ``options``, ``image_paths`` (list of TIFF paths), ``rounds`` (passes over the images), ``post``
+    ``options``, ``image_paths`` (list of TIFF paths), ``rounds`` (timed passes over the images), ``warmup``
+    (untimed passes before them; optional, default 0), ``post``
     (:class:`~cellseg_deploy.postprocess.PostprocessConfig` fields).
     """
+    import numpy as np
     import psutil
 
     from cellseg_deploy.backends import create_runner, get_runner_class
@@ -102,15 +109,21 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     with runner:
         loaded = proc.memory_info().rss / 2**20
         calls = 0
-        for _ in range(int(spec["rounds"])):
+        warmup = int(spec.get("warmup", 0))
+        timed_s: list[float] = []
+        for r in range(warmup + int(spec["rounds"])):
             for start in range(0, len(paths), batch):
+                t0 = time.perf_counter()
                 images = [read_image(p) for p in paths[start : start + batch]]
                 dets = [runner.infer(images[0])] if len(images) == 1 else runner.infer_batch(images)
                 for det in dets:
                     postprocess(det, post)
-                calls += 1
                 if cuda:
                     torch.cuda.synchronize(device)
+                if r >= warmup:
+                    timed_s.append(time.perf_counter() - t0)
+                calls += 1
+                if cuda:
                     free, total = torch.cuda.mem_get_info(device)
                     device_peak = max(device_peak, total - free)
     out: dict[str, Any] = {
@@ -123,6 +136,11 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_since": "baseline (high-water mark reset after imports)" if peak_reset else "process start",
     }
     out["peak_over_baseline_mb"] = round(out["peak_rss_mb"] - baseline, 1)
+    out["alone_latency"] = {
+        "n": len(timed_s),
+        "p50_ms": round(float(np.median(timed_s)) * 1e3, 4),
+        "mean_ms": round(float(np.mean(timed_s)) * 1e3, 4),
+    }
     if cuda:
         out["cuda_torch_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["cuda_device_used_peak_over_baseline_mb"] = round((device_peak - device_base) / 2**20, 1)

@@ -40,6 +40,7 @@ MAIN_HEADERS = [
     "max",
     "img/s",
     "x torch",
+    "run/alone",
     "dets/img",
     "peak RSS MB",
     "+model MB",
@@ -92,6 +93,7 @@ def main_rows(result: dict[str, Any]) -> list[list[Any]]:
                 _num(lat["max_ms"]),
                 _num(lat["throughput_ips"]),
                 _num(sp["mean"]) if sp and sp.get("mean") is not None else "n/a",
+                _num((e.get("alone") or {}).get("run_over_alone")),
                 dets,
                 _num(mem.get("peak_rss_mb"), 1),
                 _num(mem.get("peak_over_baseline_mb"), 1),
@@ -143,13 +145,20 @@ def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
+def _instructions(cpu: dict[str, Any]) -> str:
+    """``; AVX2, AVX-512`` for the CPU line; empty for results written before the field existed or off Linux."""
+    names = cpu.get("instructions")
+    return "; " + ", ".join(names) if names else ""
+
+
 def _env_lines(result: dict[str, Any]) -> list[str]:
     env = result["environment"]
     cpu = env["cpu"]
     v = env["versions"]
     gpu = env.get("gpu")
     lines = [
-        f"CPU: {cpu['model']} ({cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores), "
+        f"CPU: {cpu['model']} ({cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores"
+        f"{_instructions(cpu)}), "
         f"{env['memory_total_mb'] / 1024:.1f} GiB RAM; OS: {env['os']}",
         "threads: " + ", ".join(f"{k}={val}" for k, val in env["threads"].items() if val is not None),
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
@@ -253,7 +262,9 @@ def markdown_report(result: dict[str, Any], plots: list[str] | None = None) -> s
         "",
         markdown_table(main_rows(result), MAIN_HEADERS),
         "",
-        "`x torch`: torch's mean latency divided by this engine's (same run). `peak RSS MB`: the engine alone in a "
+        "`x torch`: torch's mean latency divided by this engine's (same run). `run/alone`: the engine's p50 in this "
+        "run over its p50 alone in a fresh process (same images and rounds; above 1: slowed by the other engines). "
+        "`peak RSS MB`: the engine alone in a "
         "fresh process (interpreter and libraries included); `+model MB`: that peak minus the process's RSS before "
         f"the model loaded. The latency process itself peaked at {result.get('process_peak_rss_mb')} MB with every "
         "engine loaded.",

@@ -30,7 +30,10 @@ queue waits included, in ``other``). Warm-up passes are excluded there too.
 
 Memory: the latency process holds every engine at once, so its high-water mark is reported as such
 (``process_peak_rss_mb``); each engine's own peak comes from a fresh process
-(:mod:`cellseg_deploy.bench.memory`), run after the latency phase.
+(:mod:`cellseg_deploy.bench.memory`), run after the latency phase. That process also times the engine alone
+over as many rounds as the run measured: ``alone.run_over_alone`` (the run's p50 over the p50 alone) shows
+how much the company of the other engines changed its time, and the run warns past
+:data:`ALONE_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ DEFINITIONS: dict[str, str] = {
     "process_peak_rss_mb": "RSS high-water mark of the latency process: all engines loaded together, the "
     "interpreter, every library, the workload",
     "memory": "per-engine memory from a fresh process running that engine alone (see cellseg_deploy.bench.memory)",
+    "alone": "the engine alone in that fresh process, latency mode: p50 of as many timed rounds as the run measured "
+    "(after the same warm-up), and the run's p50 over it",
     "cuda_torch_peak_allocated_mb": "torch.cuda.max_memory_allocated during this engine's samples: torch's "
     "allocator only (not ONNX Runtime or TensorRT memory)",
     "cuda_events_infer_ms": "device time on torch's current stream during infer (CUDA events; torch runner only)",
@@ -358,7 +363,8 @@ def run_benchmark(
     engines loaded, so thread settings are the ones in force), ``load_average_after``, ``definitions`` (what
     each number includes), ``engines`` (per engine: ``info``, ``model``, ``latency`` summary of the totals,
     ``stages`` and ``substages`` summaries, ``stage_mean_ms``, ``detections_per_image``,
-    ``instances_per_image``, ``per_image``, ``samples_ms``, ``memory``, ``speedup_vs_torch``),
+    ``instances_per_image``, ``per_image``, ``samples_ms``, ``memory``, ``alone`` (latency mode with memory
+    probes: ``n``, ``p50_ms`` alone and ``run_over_alone``; else None), ``speedup_vs_torch``),
     ``process_peak_rss_mb`` and ``warnings``. Times are milliseconds.
 
     Raises:
@@ -422,8 +428,10 @@ def run_benchmark(
     process_peak = peak_rss_mb()
     memory: dict[str, dict[str, Any]] = {}
     if settings.memory:
+        # as many timed passes alone as the run measured, so the run/alone ratio compares like numbers
         for label in settings.engines:
-            memory[label] = probe_memory(_memory_spec(label, models[label], settings, paths))
+            spec = _memory_spec(label, models[label], settings, paths, max(settings.memory_rounds, r))
+            memory[label] = probe_memory({**spec, "warmup": settings.warmup})
     result = _assemble(settings, models, workload, samples, infos, memory, environment, r, measured_s)
     result["process_peak_rss_mb"] = round(process_peak, 1)
     result["load_average_after"] = load_average()
@@ -538,7 +546,9 @@ def _run_throughput(
     memory: dict[str, dict[str, Any]] = {}
     if settings.memory:
         for label in settings.engines:
-            memory[label] = probe_memory(_memory_spec(label, models[label], settings, paths))
+            memory[label] = probe_memory(
+                _memory_spec(label, models[label], settings, paths, settings.memory_rounds)
+            )
     result = _assemble(
         settings, models, workload, samples, infos, memory, environment, rounds, measured_total
     )
@@ -563,7 +573,7 @@ def _run_throughput(
 
 
 def _memory_spec(
-    label: str, model: EngineModel, settings: BenchSettings, paths: list[Path]
+    label: str, model: EngineModel, settings: BenchSettings, paths: list[Path], rounds: int
 ) -> dict[str, Any]:
     runner_name, precision = split_label(label)
     return {
@@ -576,8 +586,25 @@ def _memory_spec(
         "batch": settings.batch,
         "options": _runner_options(runner_name, settings),
         "image_paths": [str(p) for p in paths],
-        "rounds": settings.memory_rounds,
+        "rounds": rounds,
         "post": asdict(settings.post),
+    }
+
+
+ALONE_TOLERANCE = 0.05
+"""How far an engine's p50 in the interleaved run may be from its p50 alone before the run warns."""
+
+
+def _alone(run_p50_ms: float, memory: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The engine's p50 alone in a fresh process (the memory probe's timed calls) beside its p50 in the run:
+    ``run_over_alone`` above 1 means the company of the other engines slowed it down."""
+    alone = (memory or {}).get("alone_latency")
+    if not alone or not alone.get("n") or not alone.get("p50_ms"):
+        return None
+    return {
+        "n": alone["n"],
+        "p50_ms": alone["p50_ms"],
+        "run_over_alone": run_p50_ms / alone["p50_ms"],
     }
 
 
@@ -641,6 +668,7 @@ def _assemble(
             "per_image": per_image,
             "samples_ms": [round(s.total_s * 1e3, 4) for s in mine],
             "memory": memory.get(name, {"skipped": "memory probes were not asked for"}),
+            "alone": _alone(latency.p50_ms, memory.get(name)) if settings.mode == "latency" else None,
             "speedup_vs_torch": None,
             "cuda_graphs": bool(infos[name].get("cuda_graphs", False)),
         }
@@ -727,6 +755,15 @@ def _warnings(result: dict[str, Any]) -> list[str]:
             f"engine {name!r} returned {mean:.1f} detections per image against {ref:.1f} for {ref_name!r}: the "
             "two do different amounts of work, so their speed ratio is not like for like (marked * in the table)"
         )
+    for name, e in result["engines"].items():
+        alone = e.get("alone")
+        if alone and abs(alone["run_over_alone"] - 1) > ALONE_TOLERANCE:
+            out.append(
+                f"engine {name!r}: p50 {e['latency']['p50_ms']:.1f} ms in this run against {alone['p50_ms']:.1f} ms "
+                f"alone in a fresh process ({alone['run_over_alone']:.2f}x, over {ALONE_TOLERANCE:.0%}): the engines "
+                "in the run change each other's times, so speed ratios from it are off; run fewer engines per call "
+                "to compare"
+            )
     for name, e in result["engines"].items():
         provenance = (e.get("model") or {}).get("provenance")
         if provenance in ("mismatch", "unverified"):

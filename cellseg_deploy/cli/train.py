@@ -8,6 +8,7 @@ import click
 
 from cellseg_deploy.cli.common import check_outputs, write_json_result
 from cellseg_deploy.cli.options import device_option, json_option, progress_option, seed_option
+from cellseg_deploy.tables import format_metric
 
 
 @click.command("train")
@@ -44,6 +45,7 @@ from cellseg_deploy.cli.options import device_option, json_option, progress_opti
 @device_option("Shortcut for --set train.device=...", default=None, metavar="cpu|cuda|cuda:N")
 @click.option(
     "--pretrained",
+    # modeling.builder.PRETRAINED_CHOICES, spelled out so --help does not import torch (a test keeps them equal)
     type=click.Choice(["none", "coco", "imagenet"]),
     default=None,
     help="torchvision weights to start from (downloads; offline use --init or --pretrained-backbone).",
@@ -120,16 +122,12 @@ def train_cmd(
     m = result.best_metrics
     click.echo(
         f"{result.stop_reason}: {result.epochs} epochs, {result.steps} steps, {result.seconds:.1f} s; "
-        f"best segm AP50 {_fmt(m.get('segm_AP50'))} (AP {_fmt(m.get('segm_AP'))}, "
-        f"AP75 {_fmt(m.get('segm_AP75'))}) at epoch {m.get('epoch', '-')}, max_dets {m.get('max_dets', '-')}"
+        f"best segm AP50 {format_metric(m.get('segm_AP50'))} (AP {format_metric(m.get('segm_AP'))}, "
+        f"AP75 {format_metric(m.get('segm_AP75'))}) at epoch {m.get('epoch', '-')}, max_dets {m.get('max_dets', '-')}"
     )
     click.echo(f"best: {result.best_checkpoint}")
     click.echo(f"last: {result.last_checkpoint}")
     write_json_result(json_path, result.to_dict())
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def _yaml_str(path: Path) -> str:

@@ -62,7 +62,12 @@ def test_bench_torch_and_onnx_writes_every_report(
     )
     assert rc == 0, stderr
     # The printed table names both engines and the stage breakdown.
-    assert "mean ms" in stdout and "network ms" in stdout and "sweep over cells" in stdout
+    assert (
+        "mean ms" in stdout
+        and "run/alone" in stdout
+        and "network ms" in stdout
+        and "sweep over cells" in stdout
+    )
     assert any(line.startswith("torch ") for line in stdout.splitlines())
     assert any(line.startswith("onnx ") for line in stdout.splitlines())
     assert "onnx: exported" in stderr  # the ONNX file came from the checkpoint, and the output says so
@@ -89,6 +94,9 @@ def test_bench_torch_and_onnx_writes_every_report(
         assert sum(e["stage_mean_ms"].values()) == pytest.approx(lat["mean_ms"], rel=1e-6)
         assert e["memory"]["peak_rss_mb"] > 0 and e["memory"]["peak_over_baseline_mb"] > 0
         assert e["memory"]["baseline_rss_mb"] > 0
+        # the same engine alone in the probe process, over as many timed calls as the run measured
+        assert e["alone"]["n"] == lat["n"] == e["memory"]["alone_latency"]["n"]
+        assert e["alone"]["run_over_alone"] == pytest.approx(lat["p50_ms"] / e["alone"]["p50_ms"])
         assert e["info"]["runner"] == name
         assert e["speedup_vs_torch"]["mean"] > 0
     assert result["engines"]["torch"]["speedup_vs_torch"]["mean"] == pytest.approx(1.0)

@@ -12,9 +12,12 @@ from cellseg_deploy.backends import Runner, registry
 from cellseg_deploy.backends.pytorch.runner import TorchRunner
 from cellseg_deploy.bench.models import resolve_engine_models
 from cellseg_deploy.bench.runner_bench import (
+    ALONE_TOLERANCE,
     STAGES,
     BenchSettings,
+    _alone,
     _stage_times,
+    _warnings,
     parse_engine_specs,
     parse_runner_options,
     run_benchmark,
@@ -164,3 +167,44 @@ def test_batched_torch_reports_per_batch(tiny_setup: tuple[Path, Any]) -> None:
     assert result["latency_unit"] == "per batch of 2 images"
     assert e["latency"]["n"] == 2 and e["latency"]["images_per_sample"] == 2
     assert e["detections_per_image"]["mean"] == 6.0
+
+
+def _result_with(run_p50: float, alone_p50: float | None) -> dict[str, Any]:
+    memory = (
+        {} if alone_p50 is None else {"alone_latency": {"n": 20, "p50_ms": alone_p50, "mean_ms": alone_p50}}
+    )
+    entry = {
+        "latency": {"n": 20, "p50_ms": run_p50},
+        "detections_per_image": {"mean": 5.0, "min": 5.0, "max": 5.0},
+        "memory": memory,
+        "model": {},
+        "alone": _alone(run_p50, memory),
+    }
+    return {"environment": {"cpu": {"logical_cores": 2}}, "engines": {"onnx": entry}}
+
+
+@pytest.mark.parametrize(
+    "run_p50, alone_p50, warned",
+    [
+        (100.0, 100.0, False),  # identical: no warning, ratio exactly 1
+        (104.9, 100.0, False),
+        (100.0 * (1 + ALONE_TOLERANCE) + 0.1, 100.0, True),  # slowed by the company in the run
+        (90.0, 100.0, True),  # faster in the run than alone is off too
+    ],
+)
+def test_run_warns_when_an_engine_is_off_its_time_alone(
+    run_p50: float, alone_p50: float, warned: bool
+) -> None:
+    result = _result_with(run_p50, alone_p50)
+    assert result["engines"]["onnx"]["alone"]["run_over_alone"] == pytest.approx(run_p50 / alone_p50)
+    if run_p50 == alone_p50:
+        assert result["engines"]["onnx"]["alone"]["run_over_alone"] == 1.0
+    hits = [w for w in _warnings(result) if "alone in a fresh process" in w]
+    assert bool(hits) == warned, hits
+
+
+def test_no_alone_figure_without_a_timed_probe() -> None:
+    assert _alone(100.0, None) is None
+    assert _alone(100.0, {"error": "memory probe exited with code 1: boom"}) is None
+    assert _alone(100.0, {"alone_latency": {"n": 0, "p50_ms": 0.0, "mean_ms": 0.0}}) is None
+    assert not [w for w in _warnings(_result_with(100.0, None)) if "alone" in w]

@@ -80,6 +80,16 @@ def test_a_shared_option_has_one_type_everywhere(name: str, expected: set[str]) 
             assert tuple(option.type.choices) == PRECISIONS, path  # type: ignore[attr-defined]
 
 
+def test_pretrained_offers_the_builders_choices() -> None:
+    """The CLI spells the choices out (importing the builder would load torch for ``--help``); this keeps them one list."""
+    from cellseg_deploy.modeling.builder import PRETRAINED_CHOICES
+
+    options = _with("--pretrained")
+    assert options, "no command takes --pretrained"
+    for path, option in options.items():
+        assert tuple(option.type.choices) == PRETRAINED_CHOICES, path  # type: ignore[attr-defined]
+
+
 def test_progress_is_on_every_command_that_shows_bars() -> None:
     progress = {path for path, cmd in _leaf_commands(cli) if _option(cmd, "--progress") is not None}
     expected = {

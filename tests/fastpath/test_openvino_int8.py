@@ -86,6 +86,10 @@ def test_int8_passes_parity_and_the_ap50_gate(trained_tiny, trained_int8: Path, 
     report = json.loads(report_path.read_text())
     assert code == 0, report["failures"]
     assert report["candidate"]["execution_precision"].startswith("int8+")
+    # which int8 instructions this CPU gave the kernels (AVX2-only and AVX-512-without-VNNI CPUs: "none")
+    from cellseg_deploy.cpu import cpu_flags, int8_instructions
+
+    assert report["candidate"]["int8_instructions"] == (int8_instructions(cpu_flags()) or "none")
     assert report["ap50_gt"]["reference"] > 0.2
     gate = next(c for c in report["checks"] if c["key"] == "ap50_gt_diff")
     assert gate["judged"], gate  # enough ground truth behind it for the int8 tolerance

@@ -17,7 +17,9 @@ OpenVINO runs bf16 unless told otherwise):
 - ``int8``: an int8 OpenVINO IR made by ``cellseg-deploy export --format openvino-int8`` (calibrated
   post-training quantisation, :mod:`cellseg_deploy.backends.openvino.int8`): the convolutions and fully
   connected layers run on AMX-INT8/VNNI, the rest in bf16 (fp32 on CPUs without bf16); the ``int8``
-  tolerance profile. Only such an IR runs at ``int8``, and such an IR runs only at ``int8``.
+  tolerance profile. Only such an IR runs at ``int8``, and such an IR runs only at ``int8``. On a CPU without
+  int8 dot-product instructions (AVX2 only, or AVX-512 without VNNI) OpenVINO emulates them: the results are
+  the same, the speed may not beat fp32, and the runner says so once (``info()["int8_instructions"]``).
 
 The precision actually compiled is read back from the compiled model and reported by :meth:`info`
 (``execution_precision``); asking for a precision the CPU cannot run is an error, never a silent fallback.
@@ -50,6 +52,7 @@ from cellseg_deploy.backends.openvino.ir import (
     repair_empty_branches,
 )
 from cellseg_deploy.backends.registry import register_runner
+from cellseg_deploy.cpu import cpu_flags, int8_instructions, vector_instructions
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
 from cellseg_deploy.structures import Detections
 
@@ -194,6 +197,7 @@ class OpenVINORunner(Runner):
             )
         if self.precision == "int8":  # quantised layers int8, the rest at the hint
             self.execution_precision = f"int8+{self.execution_precision}"
+            self.int8_instructions = _check_int8_instructions(cpu_flags())
         self.request = self.compiled.create_infer_request()
         self.outputs = {name: self.compiled.output(name) for name in OUTPUT_NAMES}
         self.device_name = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
@@ -301,6 +305,8 @@ class OpenVINORunner(Runner):
         }
         if getattr(self, "quantisation", None) is not None:
             info["quantisation"] = self.quantisation
+        if self.precision == "int8":
+            info["int8_instructions"] = getattr(self, "int8_instructions", None)
         compiled = getattr(self, "compiled", None)
         if compiled is not None:
             info["inference_num_threads"] = int(compiled.get_property("INFERENCE_NUM_THREADS"))
@@ -312,6 +318,29 @@ class OpenVINORunner(Runner):
             if key in meta:
                 info[key] = meta[key]
         return info
+
+
+_WARNED_NO_INT8: list[bool] = []
+
+
+def _check_int8_instructions(flags: frozenset[str]) -> str:
+    """The int8 instruction set OpenVINO's int8 kernels can use on this CPU (:func:`int8_instructions`), or
+    ``"none"`` (said once per process: OpenVINO still runs the IR, with int8 arithmetic emulated by wider
+    multiply-adds, which can be slower than fp32), or ``"unknown"`` without CPU flags (not Linux)."""
+    name = int8_instructions(flags)
+    if name is not None:
+        return name
+    if not flags:
+        return "unknown"
+    if not _WARNED_NO_INT8:
+        _WARNED_NO_INT8.append(True)
+        log.warning(
+            "this CPU has no int8 dot-product instructions (%s; no AMX-INT8, AVX512-VNNI or AVX-VNNI): OpenVINO "
+            "emulates int8 and may be no faster than fp32 here; compare with "
+            "'cellseg-deploy bench --engine openvino,openvino:int8'",
+            "/".join(vector_instructions(flags)) or "no AVX2",
+        )
+    return "none"
 
 
 def _resize_limits(metadata: dict[str, Any]) -> tuple[int, int] | None:

@@ -294,7 +294,7 @@ def check_stages_finite(
     """
 
     folder = load_stage_folder(stage_dir)
-    executor = executor or torch_stage_executor(folder, precision, fp16_storage=True)
+    executor = executor or torch_stage_executor(folder, precision, fp16_math="storage")
     pipeline = StagedPipeline(folder, executor)
     h, w = pipeline.profile.image_max
     image = synthetic_input(h, w, seed=seed)[0]

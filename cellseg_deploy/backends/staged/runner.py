@@ -781,17 +781,21 @@ def torch_stage_executor(
     device: str = "cpu",
     checkpoint: Path | None = None,
     tf32: bool = False,
-    fp16_storage: bool = False,
+    fp16_math: str = "native",
 ) -> StageExecutor:
     """A :class:`~cellseg_deploy.backends.staged.executors.TorchExecutor` running the stage modules of the
     folder's source checkpoint in ``precision`` (what the graphs were traced from); ``tf32`` as there.
-    ``fp16_storage``: for ``fp16``, FP32 modules with FP16 storage
-    (:func:`~cellseg_deploy.backends.staged.stages.fp16_storage_stage_modules`) instead of native FP16 ones."""
+    ``fp16_math`` (one of :data:`FP16_MATH`), for ``fp16``: ``native`` FP16 modules, or ``storage``: FP32
+    modules with FP16 storage (:func:`~cellseg_deploy.backends.staged.stages.fp16_storage_stage_modules`)."""
+    if fp16_math not in FP16_MATH:
+        raise UserError(
+            f"staged-torch option fp16_math={fp16_math!r}: expected one of {', '.join(FP16_MATH)}"
+        )
     from cellseg_deploy.backends.staged.executors import TorchExecutor
     from cellseg_deploy.backends.staged.stages import build_stage_modules, fp16_storage_stage_modules
 
     model = load_stage_checkpoint(folder, checkpoint).build_model()
-    if fp16_storage and precision == "fp16":
+    if fp16_math == "storage" and precision == "fp16":
         modules = fp16_storage_stage_modules(model)
     else:
         modules = build_stage_modules(model, precision)
@@ -825,17 +829,13 @@ class StagedTorchRunner(_StagedRunnerBase):
         folder = load_stage_folder(self.model_path)
         path = self.options.get("checkpoint")
         self.fp16_math = str(self.options.get("fp16_math", default_fp16_math(self.device)))
-        if self.fp16_math not in FP16_MATH:
-            raise UserError(
-                f"staged-torch option fp16_math={self.fp16_math!r}: expected one of {', '.join(FP16_MATH)}"
-            )
         executor = torch_stage_executor(
             folder,
             self.precision,
             device=self.device,
             checkpoint=Path(path) if path else None,
             tf32=_flag(self.options.get("tf32", False)),
-            fp16_storage=self.fp16_math == "storage",
+            fp16_math=self.fp16_math,
         )
         return StagedPipeline(folder, executor)
 
