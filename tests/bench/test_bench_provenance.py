@@ -84,7 +84,7 @@ def test_bench_cli_refuses_then_marks_the_mismatch(
 
 
 def test_detections_that_differ_from_the_reference_are_flagged() -> None:
-    from cellseg_deploy.bench.report import main_rows
+    from cellseg_deploy.bench.report import MAIN_HEADERS, main_rows
     from cellseg_deploy.bench.runner_bench import detections_differ
 
     def engine(dets: float) -> dict[str, object]:
@@ -94,4 +94,5 @@ def test_detections_that_differ_from_the_reference_are_flagged() -> None:
     result = {"engines": {"torch": engine(65.0), "onnx": engine(42.0), "openvino": engine(65.2)}}
     assert detections_differ(result) == {"onnx": (42.0, 65.0)}
     rows = {r[0]: r for r in main_rows(result)}
-    assert rows["onnx"][14] == "42.0 *" and rows["openvino"][14] == "65.2"
+    dets = MAIN_HEADERS.index("dets/img")
+    assert rows["onnx"][dets] == "42.0 *" and rows["openvino"][dets] == "65.2"
