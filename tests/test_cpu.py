@@ -61,7 +61,7 @@ def test_the_int8_runner_says_once_when_the_cpu_has_no_int8_instructions(
     )
     from cellseg_deploy.backends.openvino import runner
 
-    monkeypatch.setattr(runner, "_WARNED_NO_INT8", [])
+    monkeypatch.setattr(runner, "_warned_no_int8", False)
     with caplog.at_level(logging.WARNING, logger=runner.__name__):
         assert runner._check_int8_instructions(frozenset(ZEN1.split())) == "none"
         assert runner._check_int8_instructions(frozenset(ZEN1.split())) == "none"

@@ -430,8 +430,10 @@ def run_benchmark(
     if settings.memory:
         # as many timed passes alone as the run measured, so the run/alone ratio compares like numbers
         for label in settings.engines:
-            spec = _memory_spec(label, models[label], settings, paths, max(settings.memory_rounds, r))
-            memory[label] = probe_memory({**spec, "warmup": settings.warmup})
+            rounds = max(settings.memory_rounds, r)
+            memory[label] = probe_memory(
+                _memory_spec(label, models[label], settings, paths, rounds, warmup=settings.warmup)
+            )
     result = _assemble(settings, models, workload, samples, infos, memory, environment, r, measured_s)
     result["process_peak_rss_mb"] = round(process_peak, 1)
     result["load_average_after"] = load_average()
@@ -573,7 +575,7 @@ def _run_throughput(
 
 
 def _memory_spec(
-    label: str, model: EngineModel, settings: BenchSettings, paths: list[Path], rounds: int
+    label: str, model: EngineModel, settings: BenchSettings, paths: list[Path], rounds: int, warmup: int = 0
 ) -> dict[str, Any]:
     runner_name, precision = split_label(label)
     return {
@@ -587,6 +589,7 @@ def _memory_spec(
         "options": _runner_options(runner_name, settings),
         "image_paths": [str(p) for p in paths],
         "rounds": rounds,
+        "warmup": warmup,
         "post": asdict(settings.post),
     }
 

@@ -320,7 +320,7 @@ class OpenVINORunner(Runner):
         return info
 
 
-_WARNED_NO_INT8: list[bool] = []
+_warned_no_int8 = False
 
 
 def _check_int8_instructions(flags: frozenset[str]) -> str:
@@ -332,8 +332,9 @@ def _check_int8_instructions(flags: frozenset[str]) -> str:
         return name
     if not flags:
         return "unknown"
-    if not _WARNED_NO_INT8:
-        _WARNED_NO_INT8.append(True)
+    global _warned_no_int8
+    if not _warned_no_int8:
+        _warned_no_int8 = True
         log.warning(
             "this CPU has no int8 dot-product instructions (%s; no AMX-INT8, AVX512-VNNI or AVX-VNNI): OpenVINO "
             "emulates int8 and may be no faster than fp32 here; compare with "
