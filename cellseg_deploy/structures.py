@@ -113,3 +113,28 @@ class Instances:
             image_size=self.image_size,
             mask_probs=None if self.mask_probs is None else self.mask_probs[idx],
         )
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer of a compiled graph in one call, as the runtime's own profiler timed it.
+
+    Attributes:
+        name: the runtime's name of the layer (for OpenVINO a fused layer carries one original node's name).
+        op: the layer's type in the runtime (``Convolution``, ``ROIAlign``, ``Conv``, ...).
+        kernel: the implementation that ran (OpenVINO's ``exec_type`` such as ``brgconv_avx512_amx_I8``;
+            ONNX Runtime's execution provider).
+        precision: what the layer computed in: ``int8``, ``bf16``, ``fp16``, ``fp32``, ``int32``, ``int64``,
+            ... (OpenVINO: the kernel's precision; ONNX Runtime: the element type of its first output).
+        ms: wall time of the layer in this call, milliseconds.
+        origin: names that say where in the model the layer comes from, most telling first: its own name,
+            the original graph nodes fused into it, then its neighbours' names (for layers the runtime made
+            itself, such as inserted reorders or quantise steps).
+    """
+
+    name: str
+    op: str
+    kernel: str
+    precision: str
+    ms: float
+    origin: tuple[str, ...] = ()

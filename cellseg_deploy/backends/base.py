@@ -28,7 +28,7 @@ import numpy as np
 
 from cellseg_deploy.errors import ModelFileError, UserError
 from cellseg_deploy.postprocess import PostprocessConfig, postprocess
-from cellseg_deploy.structures import Detections, Instances
+from cellseg_deploy.structures import Detections, Instances, LayerTime
 
 
 class Runner(abc.ABC):
@@ -47,6 +47,8 @@ class Runner(abc.ABC):
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     model_suffixes: ClassVar[tuple[str, ...]] = ()
     """File suffixes (or ``"/"`` for a folder) this runner accepts as ``model_path``."""
+    layer_profiling: ClassVar[bool] = False
+    """Whether the runtime can time every layer (option ``profile=true``, then :meth:`layer_profile`)."""
 
     def __init__(
         self,
@@ -148,6 +150,27 @@ class Runner(abc.ABC):
             "threads": self.threads,
             **self._info(),
         }
+
+    def bool_option(self, key: str, default: bool = False) -> bool:
+        """A yes/no option (``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off`` from ``--option``)."""
+        value = self.options.get(key, default)
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"option {key}: expected true or false, got {value!r}")
+        return bool(value)
+
+    def layer_profile(self) -> list[list[LayerTime]]:
+        """Per call since the runner loaded with option ``profile=true``, the layers that ran and their times.
+
+        The runtime's own profiler does the timing, which costs time in every call: profile in a run of its
+        own, never in one whose latency is reported.
+        """
+        raise UserError(
+            f"runner {self.name!r} has no per-layer profile; the runners with one: openvino, onnx (CPU)"
+        )
 
     # -- to implement ---------------------------------------------------------------------------------------
     @abc.abstractmethod

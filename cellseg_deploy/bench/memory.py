@@ -152,7 +152,15 @@ def probe_memory(spec: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, A
 
     Failures do not raise: the report then holds ``"error"`` (one line) so the latency results survive.
     """
-    cmd = [sys.executable, "-m", "cellseg_deploy.bench.memory"]
+    return run_fresh("cellseg_deploy.bench.memory", MARKER, spec, timeout_s, "memory probe")
+
+
+def run_fresh(module: str, marker: str, spec: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
+    """``python -m module`` with ``spec`` as JSON on stdin; its report is the stdout line after ``marker``.
+
+    Failures do not raise: the report then holds ``"error"`` (one line, naming ``what`` failed).
+    """
+    cmd = [sys.executable, "-m", module]
     try:
         proc = subprocess.run(
             cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout_s, check=False
@@ -160,16 +168,16 @@ def probe_memory(spec: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, A
     except subprocess.TimeoutExpired:
         return {
             "engine": spec.get("label", spec["engine"]),
-            "error": f"memory probe timed out after {timeout_s:.0f} s",
+            "error": f"{what} timed out after {timeout_s:.0f} s",
         }
     for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(MARKER):
-            result: dict[str, Any] = json.loads(line[len(MARKER) :])
+        if line.startswith(marker):
+            result: dict[str, Any] = json.loads(line[len(marker) :])
             return result
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
     return {
         "engine": spec.get("label", spec["engine"]),
-        "error": f"memory probe exited with code {proc.returncode}: {tail}",
+        "error": f"{what} exited with code {proc.returncode}: {tail}",
     }
 
 

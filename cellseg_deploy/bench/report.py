@@ -11,6 +11,8 @@ Plots (matplotlib's Agg canvas, no global pyplot state):
   are counted, so one outlier cannot flatten the boxes.
 - ``stage_breakdown.png``: mean time per stage, stacked, per engine, with readable stage names (a staged
   runner's FP32 host steps shown as such).
+- ``layer_profile.png``: with ``--profile``, each profiled engine's layer time by model part
+  (:mod:`cellseg_deploy.bench.profile_report`).
 - ``latency_vs_cells.png`` / ``latency_vs_size.png``: mean latency against the swept cells / image side;
   written only for a ``cells`` / ``size`` sweep (an ordinary run's images are not a sweep).
 """
@@ -20,6 +22,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cellseg_deploy.bench.profile_report import (
+    TOP_HEADERS,
+    part_rows,
+    plot_profile,
+    precision_lines,
+    profiled,
+    top_layer_rows,
+)
 from cellseg_deploy.bench.runner_bench import STAGES
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
 from cellseg_deploy.plots import new_figure, save_png
@@ -209,6 +219,10 @@ def format_text_report(result: dict[str, Any]) -> str:
         "mean time per stage (they add up to the total):",
         format_table(stage_rows(result), STAGE_HEADERS),
     ]
+    if profiled(result):
+        headers, rows = part_rows(result)
+        parts += ["", "per-layer profile, ms per call by model part (share of layer time):"]
+        parts += [format_table(rows, headers), *(f"precision: {line}" for line in precision_lines(result))]
     for kind, sweep in (result.get("sweeps") or {}).items():
         headers, rows = sweep_rows(sweep)
         parts += ["", f"sweep over {kind}:", format_table(rows, headers)]
@@ -273,6 +287,23 @@ def markdown_report(result: dict[str, Any], plots: list[str] | None = None) -> s
         "",
         markdown_table(stage_rows(result), STAGE_HEADERS),
     ]
+    if profiled(result):
+        headers, rows = part_rows(result)
+        md += [
+            "",
+            "## Per-layer profile",
+            "",
+            "Each engine alone in a fresh process with its runtime's profiler on (OpenVINO's performance counters, "
+            "ONNX Runtime's profiler), after the timed runs; the profiler's cost is in none of the times above. "
+            "Mean ms per call by model part (share of all layer time); layer times leave out the runtime's "
+            "overhead between layers.",
+            "",
+            markdown_table(rows, headers),
+            "",
+            *(f"- precision the layers ran in, {line}" for line in precision_lines(result)),
+        ]
+        for name, profile in profiled(result).items():
+            md += ["", f"Slowest layers of {name}:", "", markdown_table(top_layer_rows(profile), TOP_HEADERS)]
     for kind, sweep in (result.get("sweeps") or {}).items():
         headers, rows = sweep_rows(sweep)
         md += [
@@ -525,6 +556,8 @@ def write_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
         plot_distribution(result, out_dir / "latency_distribution.png"),
         plot_stages(result, out_dir / "stage_breakdown.png"),
     ]
+    if profiled(result):
+        paths.append(plot_profile(result, out_dir / "layer_profile.png"))
     for kind in ("cells", "size"):
         if can_plot_against(result, kind):
             paths.append(plot_against(result, kind, out_dir / f"latency_vs_{kind}.png"))

@@ -49,10 +49,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cellseg_deploy.backends import Runner, create_runner
+from cellseg_deploy.backends import Runner, create_runner, get_runner_class
 from cellseg_deploy.bench.environment import capture_environment, load_average
 from cellseg_deploy.bench.memory import peak_rss_mb, probe_memory
 from cellseg_deploy.bench.models import EngineModel
+from cellseg_deploy.bench.profile import probe_profile
 from cellseg_deploy.bench.stats import summarize
 from cellseg_deploy.bench.timing import CudaEventTimer, SyncFn, device_synchronizer
 from cellseg_deploy.bench.workload import Workload
@@ -92,6 +93,8 @@ DEFINITIONS: dict[str, str] = {
     "memory": "per-engine memory from a fresh process running that engine alone (see cellseg_deploy.bench.memory)",
     "alone": "the engine alone in that fresh process, latency mode: p50 of as many timed rounds as the run measured "
     "(after the same warm-up), and the run's p50 over it",
+    "profile": "--profile: the engine alone in another fresh process with its runtime's profiler on (after every "
+    "timed phase): mean ms per call of its layers by model part and precision (see cellseg_deploy.bench.profile)",
     "cuda_torch_peak_allocated_mb": "torch.cuda.max_memory_allocated during this engine's samples: torch's "
     "allocator only (not ONNX Runtime or TensorRT memory)",
     "cuda_events_infer_ms": "device time on torch's current stream during infer (CUDA events; torch runner only)",
@@ -112,7 +115,10 @@ class BenchSettings:
         threads: intra-op CPU threads given to every runner (``None``: each backend's default).
         batch: images per call; ``> 1`` only for runners that really batch (their own ``_infer_batch``).
         memory: also measure each engine's peak memory in a fresh process.
-        memory_rounds: passes over the workload in each memory probe.
+        memory_rounds: passes over the workload in each memory probe of throughput mode, and in each
+            profile (latency mode's memory probes time as many rounds as the run measured).
+        profile: also profile each engine whose runner can time its layers, alone in a fresh process
+            (:mod:`cellseg_deploy.bench.profile`): by model part and precision, in ``engines[e].profile``.
         post: the post-processing settings (the same for every engine).
         runner_options: extra backend options per runner name (``{"trt": {"cuda_graphs": True}}``).
         progress: show a tqdm progress bar.
@@ -134,6 +140,7 @@ class BenchSettings:
     batch: int = 1
     memory: bool = True
     memory_rounds: int = 2
+    profile: bool = False
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
     runner_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = True
@@ -435,6 +442,7 @@ def run_benchmark(
                 _memory_spec(label, models[label], settings, paths, rounds, warmup=settings.warmup)
             )
     result = _assemble(settings, models, workload, samples, infos, memory, environment, r, measured_s)
+    _add_profiles(result, settings, models, paths)
     result["process_peak_rss_mb"] = round(process_peak, 1)
     result["load_average_after"] = load_average()
     result["warnings"] = _warnings(result)
@@ -554,6 +562,7 @@ def _run_throughput(
     result = _assemble(
         settings, models, workload, samples, infos, memory, environment, rounds, measured_total
     )
+    _add_profiles(result, settings, models, paths)
     for label, entry in result["engines"].items():
         entry["throughput"] = throughput[label]
         entry["latency"]["throughput_ips"] = throughput[label]["images_per_s"]
@@ -592,6 +601,25 @@ def _memory_spec(
         "warmup": warmup,
         "post": asdict(settings.post),
     }
+
+
+def _add_profiles(
+    result: dict[str, Any], settings: BenchSettings, models: dict[str, EngineModel], paths: list[Path]
+) -> None:
+    """``engines[e].profile``: each engine's per-layer profile alone (after every timed phase, so that the
+    profiler's cost is in no reported time); ``{"skipped": why}`` for runners without a profiler."""
+    for label, entry in result["engines"].items():
+        if not settings.profile:
+            entry["profile"] = {"skipped": "no --profile"}
+            continue
+        runner_name, _ = split_label(label)
+        if not get_runner_class(runner_name).layer_profiling:
+            entry["profile"] = {"skipped": f"runner {runner_name!r} has no per-layer profiler"}
+            continue
+        spec = _memory_spec(
+            label, models[label], settings, paths, settings.memory_rounds, warmup=max(1, settings.warmup)
+        )
+        entry["profile"] = probe_profile(spec)
 
 
 ALONE_TOLERANCE = 0.05
@@ -752,6 +780,8 @@ def _warnings(result: dict[str, Any]) -> list[str]:
             )
         if "error" in e["memory"]:
             out.append(f"memory probe for {name!r} failed: {e['memory']['error']}")
+        if "error" in (e.get("profile") or {}):
+            out.append(f"profile of {name!r} failed: {e['profile']['error']}")
     ref_name = "torch" if "torch" in result["engines"] else next(iter(result["engines"]), "")
     for name, (mean, ref) in detections_differ(result).items():
         out.append(

@@ -86,7 +86,7 @@ def run_sweep(
         raise ConfigError(f"unknown sweep {kind!r}; expected one of {', '.join(SWEEP_KINDS)}")
     if not values or min(values) < 1:
         raise ConfigError(f"sweep over {kind}: values must be positive, got {list(values)}")
-    quiet = dataclasses.replace(settings, progress=False, memory=False)
+    quiet = dataclasses.replace(settings, progress=False, memory=False, profile=False)
     points = []
     for value in tqdm(list(values), desc=f"sweep {kind}", unit="point", disable=not settings.progress):
         n_cells = value if kind == "cells" else cells

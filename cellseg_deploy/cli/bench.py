@@ -133,6 +133,12 @@ from cellseg_deploy.cli.options import (
 )
 @click.option("--no-memory", is_flag=True, help="Skip the per-engine peak-memory probes (fresh processes).")
 @click.option(
+    "--profile",
+    is_flag=True,
+    help="Also profile every layer of the openvino and onnx engines (alone, fresh process, after the timed "
+    "runs), summed by model part with the precision each layer ran in.",
+)
+@click.option(
     "--score-thresh", type=float, default=0.0, show_default=True, help="Post-processing score threshold."
 )
 @click.option(
@@ -181,6 +187,7 @@ def bench(
     sweep_cells: str | None,
     sweep_sizes: str | None,
     no_memory: bool,
+    profile: bool,
     score_thresh: float,
     out_dir: Path,
     cache_dir: Path,
@@ -202,6 +209,7 @@ def bench(
         cellseg-deploy bench --engine torch,onnx --untrained tiny --sweep cells,size --iters 5
         cellseg-deploy bench --engine torch,trt,trt:fp16 --device cuda --model ckpt.pt --option trt.rebuild=true
         cellseg-deploy bench --engine onnx --model-for onnx=m.onnx --data data/hw3 --limit 10 --threads 2
+        cellseg-deploy bench --engine openvino,openvino:int8 --untrained r50-fpn --iters 3 --profile
         cellseg-deploy bench --engine openvino:int8 --untrained r50-fpn --synthetic-images 32 \\
             --mode throughput --concurrency 2
     """
@@ -236,6 +244,7 @@ def bench(
         concurrency=concurrency,
         workers=workers,
         memory=not no_memory,
+        profile=profile,
         post=PostprocessConfig(score_thresh=score_thresh),
         runner_options=dict(parse_runner_options(options, engines)),
         progress=progress,

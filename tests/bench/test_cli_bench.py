@@ -141,17 +141,26 @@ def test_untrained_models_give_the_asked_detections_on_every_engine(
         "--threads",
         "1",
         "--no-memory",
+        "--profile",
         "--out",
         str(tmp_path / "o"),
         "--cache",
         str(tmp_path / "cache"),
     ]
-    rc, _, stderr = _run(args, capsys)
+    rc, stdout, stderr = _run(args, capsys)
     assert rc == 0, stderr
     result = json.loads((tmp_path / "o" / "bench.json").read_text())
     for name in ("torch", "onnx"):
         assert result["engines"][name]["detections_per_image"] == {"mean": 6.0, "min": 6.0, "max": 6.0}
     assert "detections_per_img = cells" in result["models_note"]
+    # --profile: onnx profiled alone by model part (one warm-up, memory_rounds calls); torch has no profiler
+    profile = result["engines"]["onnx"]["profile"]
+    assert profile["calls"] == 2 and profile["layer_ms_per_call"] > 0
+    assert {"backbone", "mask_head"} <= set(profile["parts"]) and profile["layers"]
+    assert "no per-layer profiler" in result["engines"]["torch"]["profile"]["skipped"]
+    assert "per-layer profile" in stdout and "precision: onnx (fp32): fp32" in stdout
+    assert (tmp_path / "o" / "layer_profile.png").read_bytes()[:8] == PNG_MAGIC
+    assert "## Per-layer profile" in (tmp_path / "o" / "bench.md").read_text()
 
 
 def test_cells_sweep_controls_detections(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,9 +35,10 @@ import numpy as np
 
 from cellseg_deploy.backends.base import Runner, check_static_size
 from cellseg_deploy.backends.devices import parse_device
+from cellseg_deploy.backends.onnxrt.profiling import calls_from_trace, graph_origins
 from cellseg_deploy.backends.registry import register_runner
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
-from cellseg_deploy.structures import Detections
+from cellseg_deploy.structures import Detections, LayerTime
 
 if TYPE_CHECKING:
     from cellseg_deploy.modeling.config import ModelConfig
@@ -94,6 +98,11 @@ class OrtRunner(Runner):
       decimal digits per multiplication; the fp32 parity tolerances were not measured for it).
     - ``cudnn_conv_algo_search`` (CUDA): one of :data:`CUDNN_CONV_ALGO_SEARCH` (default ``EXHAUSTIVE``, ONNX
       Runtime's: every new input shape benchmarks cuDNN's algorithms once).
+    - ``spinning``: ``False`` (default) lets the intra-op threads sleep between runs; ``True`` is ONNX
+      Runtime's own default (they busy-wait).
+    - ``profile``: ``True`` turns on ONNX Runtime's profiler for
+      :meth:`~cellseg_deploy.backends.base.Runner.layer_profile` (:mod:`cellseg_deploy.backends.onnxrt.profiling`);
+      the profiler costs time in every call.
 
     ``threads`` sets the intra-op thread count (default: ONNX Runtime's, one per physical core).
     """
@@ -102,6 +111,7 @@ class OrtRunner(Runner):
     description = "ONNX Runtime on the single exported graph (CPU, or CUDA provider)"
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     model_suffixes: ClassVar[tuple[str, ...]] = (".onnx",)
+    layer_profiling: ClassVar[bool] = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -131,7 +141,7 @@ class OrtRunner(Runner):
         # No busy-waiting between runs: ONNX Runtime's pool otherwise spins after each run and steals the cores
         # from whatever runs next (another engine in an interleaved benchmark, the host's own post-processing).
         # Option ``spinning=true`` restores ONNX Runtime's default.
-        spinning = "1" if str(self.options.get("spinning", "false")).lower() in ("1", "true", "yes") else "0"
+        spinning = "1" if self.bool_option("spinning") else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         level = str(self.options.get("graph_optimization", "all"))
         if level not in GRAPH_OPT_LEVELS:
@@ -149,10 +159,18 @@ class OrtRunner(Runner):
             options.intra_op_num_threads = int(self.threads)
         if self.options.get("inter_op_threads") is not None:
             options.inter_op_num_threads = int(self.options["inter_op_threads"])
-        sequential = self.options.get("sequential", True)
         options.execution_mode = (
-            ort.ExecutionMode.ORT_SEQUENTIAL if _as_bool(sequential) else ort.ExecutionMode.ORT_PARALLEL
+            ort.ExecutionMode.ORT_SEQUENTIAL
+            if self.bool_option("sequential", True)
+            else ort.ExecutionMode.ORT_PARALLEL
         )
+        self.profiling = self.bool_option("profile")
+        if self.profiling:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(
+                Path(tempfile.gettempdir()) / f"cellseg-ort-profile-{os.getpid()}"
+            )
+        self.profiled: list[list[LayerTime]] | None = None
         saved = self.options.get("optimized_model_path")
         if saved:
             Path(saved).parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +229,7 @@ class OrtRunner(Runner):
     @property
     def tf32(self) -> bool:
         """Whether TF32 was asked for (option ``tf32``; only the CUDA provider has it)."""
-        return _as_bool(self.options.get("tf32", False))
+        return self.bool_option("tf32")
 
     def _check_signature(self) -> None:
         """The graph must be a cellseg-deploy single-graph export: one uint8 ``[H, W, 3]`` input, four outputs."""
@@ -261,6 +279,22 @@ class OrtRunner(Runner):
         det.timings = {"preprocess": t1 - t0, "network": t2 - t1}
         return det
 
+    def layer_profile(self) -> list[list[LayerTime]]:
+        """Ends ONNX Runtime's profiling (it cannot restart in a session): later calls are not profiled."""
+        self._require_loaded()
+        if not self.profiling:
+            raise UserError("the onnx runner keeps layer times only when loaded with option profile=true")
+        if self.profiled is None:
+            import onnx
+
+            trace = Path(self.session.end_profiling())
+            try:
+                origins = graph_origins(onnx.load(str(self.model_path), load_external_data=False))
+                self.profiled = calls_from_trace(json.loads(trace.read_text()), origins)
+            finally:
+                trace.unlink(missing_ok=True)
+        return list(self.profiled)
+
     def _info(self) -> dict[str, Any]:
         import onnxruntime as ort
 
@@ -299,13 +333,3 @@ def _model_config(meta: dict[str, Any]) -> ModelConfig | None:
         return ModelConfig.from_dict(data)
     except ConfigError:
         return None
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"expected true or false, got {value!r}")
-    return bool(value)

@@ -29,6 +29,9 @@ Options (``options=`` dict, ``--option key=value`` on the CLI):
 - ``cache_dir``: OpenVINO's model cache folder; the second load of the same model skips compilation.
 - ``num_streams``: parallel inference streams (default 1: one image at a time, all threads on it).
 - ``performance_hint``: ``LATENCY`` (default) or ``THROUGHPUT``.
+- ``profile``: ``true`` compiles with ``PERF_COUNT`` and keeps every call's per-layer times for
+  :meth:`~cellseg_deploy.backends.base.Runner.layer_profile` (:mod:`cellseg_deploy.backends.openvino.profiling`);
+  the counters cost time in every call.
 
 ``threads`` sets ``INFERENCE_NUM_THREADS`` (default: OpenVINO's, one per physical core).
 """
@@ -51,10 +54,11 @@ from cellseg_deploy.backends.openvino.ir import (
     read_provenance,
     repair_empty_branches,
 )
+from cellseg_deploy.backends.openvino.profiling import layer_times, runtime_origins
 from cellseg_deploy.backends.registry import register_runner
 from cellseg_deploy.cpu import cpu_flags, int8_instructions, vector_instructions
 from cellseg_deploy.errors import BackendUnavailable, ModelFileError, UserError
-from cellseg_deploy.structures import Detections
+from cellseg_deploy.structures import Detections, LayerTime
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,7 @@ class OpenVINORunner(Runner):
     description = "OpenVINO on the CPU: fp32, bf16 on AMX/AVX512-BF16, or a calibrated int8 IR (optional extra [openvino])"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "bf16", "int8")
     model_suffixes: ClassVar[tuple[str, ...]] = (".onnx", ".xml")
+    layer_profiling: ClassVar[bool] = True
 
     core: Any = None
     compiled: Any = None
@@ -178,6 +183,9 @@ class OpenVINORunner(Runner):
         }
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        self.profiling = self.bool_option("profile")
+        if self.profiling:
+            config["PERF_COUNT"] = True
         cache_dir = self.options.get("cache_dir")
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -199,6 +207,8 @@ class OpenVINORunner(Runner):
             self.execution_precision = f"int8+{self.execution_precision}"
             self.int8_instructions = _check_int8_instructions(cpu_flags())
         self.request = self.compiled.create_infer_request()
+        self.profiled: list[list[LayerTime]] = []
+        self.origins = runtime_origins(self.compiled.get_runtime_model()) if self.profiling else {}
         self.outputs = {name: self.compiled.output(name) for name in OUTPUT_NAMES}
         self.device_name = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
         self.capabilities = capabilities
@@ -279,6 +289,8 @@ class OpenVINORunner(Runner):
         result = self.request.infer(inputs)
         boxes, labels, scores, masks = (np.array(result[self.outputs[n]]) for n in OUTPUT_NAMES)
         t2 = time.perf_counter()
+        if self.profiling:
+            self.profiled.append(layer_times(self.request.get_profiling_info(), self.origins))
         if len(boxes) == 0:
             det = Detections.empty((height, width), self.mask_size)
         else:
@@ -291,6 +303,12 @@ class OpenVINORunner(Runner):
             )
         det.timings = {"preprocess": t1 - t0, "network": t2 - t1}
         return det
+
+    def layer_profile(self) -> list[list[LayerTime]]:
+        self._require_loaded()
+        if not self.profiling:
+            raise UserError("the openvino runner keeps layer times only when loaded with option profile=true")
+        return list(self.profiled)
 
     def _info(self) -> dict[str, Any]:
         info: dict[str, Any] = {

@@ -64,7 +64,7 @@ class TorchRunner(Runner):
         super().__init__(*args, **kwargs)
         self.torch_device = torch_device(self.device)
         self.device = device_name(self.device)
-        self.tf32 = _as_bool(self.options.get("tf32", False), "tf32")
+        self.tf32 = self.bool_option("tf32")
 
     def _load(self) -> None:
         dev = self.torch_device
@@ -143,16 +143,3 @@ class TorchRunner(Runner):
             info["cudnn_deterministic"] = bool(torch.backends.cudnn.deterministic)
             info["gpu"] = torch.cuda.get_device_name(self.torch_device)
         return info
-
-
-def _as_bool(value: Any, key: str) -> bool:
-    """An option's boolean value (``true``/``false`` strings from ``--option`` too)."""
-    from cellseg_deploy.errors import UserError
-
-    if isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"{key}: expected true or false, got {value!r}")
-    return bool(value)
