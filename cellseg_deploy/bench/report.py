@@ -30,7 +30,7 @@ from cellseg_deploy.bench.profile_report import (
     profiled,
     top_layer_rows,
 )
-from cellseg_deploy.bench.runner_bench import STAGES
+from cellseg_deploy.bench.sample import STAGES
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
 from cellseg_deploy.plots import new_figure, save_png
 from cellseg_deploy.tables import format_table, markdown_table
@@ -246,6 +246,14 @@ def _model_lines(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def _run_memory_text(result: dict[str, Any]) -> str:
+    peaks = {n: e.get("run_process_peak_rss_mb") for n, e in result["engines"].items()}
+    if any(v is not None for v in peaks.values()):
+        listed = ", ".join(f"{n} {v} MB" for n, v in peaks.items())
+        return f"Each engine ran in its own process in the run; their peaks: {listed}."
+    return f"The latency process itself peaked at {result.get('process_peak_rss_mb')} MB with every engine loaded."
+
+
 def markdown_report(result: dict[str, Any], plots: list[str] | None = None) -> str:
     """The whole report as Markdown: what was measured, environment, tables, definitions, warnings, plots."""
     s = result["settings"]
@@ -280,8 +288,7 @@ def markdown_report(result: dict[str, Any], plots: list[str] | None = None) -> s
         "run over its p50 alone in a fresh process (same images and rounds; above 1: slowed by the other engines). "
         "`peak RSS MB`: the engine alone in a "
         "fresh process (interpreter and libraries included); `+model MB`: that peak minus the process's RSS before "
-        f"the model loaded. The latency process itself peaked at {result.get('process_peak_rss_mb')} MB with every "
-        "engine loaded.",
+        f"the model loaded. {_run_memory_text(result)}",
         "",
         "## Time per stage (mean ms)",
         "",

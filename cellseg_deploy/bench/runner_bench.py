@@ -14,9 +14,14 @@ stage and host step of a staged runner) are kept as ``substages``.
 Engines are named by runner, optionally with a precision: ``torch``, ``trt:fp16``, ``openvino:bf16``
 (:func:`parse_engine_specs`); without one they run at :attr:`BenchSettings.precision`.
 
-Fairness: all engines are loaded together and run in turn on the same image before moving on (A, B, A, B,
-...); the order flips every round (A, B then B, A) so that neither engine always runs on a cache warmed by
-the other or always first after a pause. Warm-up rounds, interleaved the same way, are excluded. On CUDA the
+Fairness: the engines run in turn on the same image before moving on (A, B, A, B, ...); the order flips
+every round (A, B then B, A) so that neither engine always runs on a cache warmed by the other or always
+first after a pause, and a slow drift of the machine falls on every engine alike. Warm-up rounds, interleaved
+the same way, are excluded. By default (:attr:`BenchSettings.isolation` ``"process"``) each engine lives in a
+process of its own (:mod:`cellseg_deploy.bench.engine_process`) that times its samples and otherwise waits on
+a pipe: in one process the runtimes' thread pools, allocators and per-model arenas sit side by side, and an
+engine's time then depended on which others were in the run. ``"shared"`` loads every engine into the
+benchmark's process instead. On CUDA the
 device is synchronised before each sample starts and after inference, so no sample carries another's
 queued kernels; the outputs reach post-processing as host arrays, so every device copy is inside the sample.
 
@@ -28,8 +33,8 @@ images per second on the wall clock of the measured passes (``throughput.images_
 throughput column) with the latency each image saw under that load (decode start to post-processing end,
 queue waits included, in ``other``). Warm-up passes are excluded there too.
 
-Memory: the latency process holds every engine at once, so its high-water mark is reported as such
-(``process_peak_rss_mb``); each engine's own peak comes from a fresh process
+Memory: with ``isolation="shared"`` the latency process holds every engine at once, so its high-water mark
+is reported as such (``process_peak_rss_mb``); each engine's own peak comes from a fresh process
 (:mod:`cellseg_deploy.bench.memory`), run after the latency phase. That process also times the engine alone
 over as many rounds as the run measured: ``alone.run_over_alone`` (the run's p50 over the p50 alone) shows
 how much the company of the other engines changed its time, and the run warns past
@@ -40,8 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,22 +55,24 @@ import numpy as np
 from tqdm import tqdm
 
 from cellseg_deploy.backends import Runner, create_runner, get_runner_class
+from cellseg_deploy.bench.engine_process import EngineProcess
 from cellseg_deploy.bench.environment import capture_environment, load_average
 from cellseg_deploy.bench.memory import peak_rss_mb, probe_memory
 from cellseg_deploy.bench.models import EngineModel
 from cellseg_deploy.bench.profile import probe_profile
+from cellseg_deploy.bench.sample import STAGES, Sample, SamplePipeline, stage_times
 from cellseg_deploy.bench.stats import summarize
-from cellseg_deploy.bench.timing import CudaEventTimer, SyncFn, device_synchronizer
+from cellseg_deploy.bench.timing import device_synchronizer
 from cellseg_deploy.bench.workload import Workload
 from cellseg_deploy.errors import ConfigError, UserError, naming_model_output
 from cellseg_deploy.evaluation.pipeline import PipelineSettings, check_batching
-from cellseg_deploy.postprocess import PostprocessConfig, postprocess
+from cellseg_deploy.postprocess import PostprocessConfig
 from cellseg_deploy.structures import Detections
 
 SCHEMA = "cellseg-deploy/bench/1"
 MODES: tuple[str, ...] = ("latency", "throughput")
-STAGES: tuple[str, ...] = ("decode", "preprocess", "network", "infer_other", "paste", "rle", "other")
-"""Stages of one sample, in pipeline order; they sum to the sample's total."""
+ISOLATIONS: tuple[str, ...] = ("process", "shared")
+"""Latency mode: every engine in a process of its own (the default), or all in the benchmark's process."""
 
 DEFINITIONS: dict[str, str] = {
     "total": "end-to-end host wall time of one sample: decode + infer + post-process (device synchronised at both ends)",
@@ -88,8 +95,9 @@ DEFINITIONS: dict[str, str] = {
     "and host workers, measured passes only, one engine at a time; the latency columns are then per image "
     "under that load (decode start to post-processing end, queue waits in 'other')",
     "speedup_vs_torch": "mean (and p50) total latency of the engine named 'torch' divided by this engine's, same run",
-    "process_peak_rss_mb": "RSS high-water mark of the latency process: all engines loaded together, the "
-    "interpreter, every library, the workload",
+    "process_peak_rss_mb": "RSS high-water mark of the benchmark's process: with --isolation shared all engines "
+    "loaded together, the interpreter, every library, the workload; with --isolation process only the driver",
+    "run_process_peak_rss_mb": "--isolation process: RSS high-water mark of the engine's own process in the run",
     "memory": "per-engine memory from a fresh process running that engine alone (see cellseg_deploy.bench.memory)",
     "alone": "the engine alone in that fresh process, latency mode: p50 of as many timed rounds as the run measured "
     "(after the same warm-up), and the run's p50 over it",
@@ -117,6 +125,13 @@ class BenchSettings:
         memory: also measure each engine's peak memory in a fresh process.
         memory_rounds: passes over the workload in each memory probe of throughput mode, and in each
             profile (latency mode's memory probes time as many rounds as the run measured).
+        isolation: latency mode: ``"process"`` runs each engine in a process of its own, driven in the
+            interleaved order (:mod:`cellseg_deploy.bench.engine_process`); ``"shared"`` loads every engine
+            into the benchmark's process (where the runtimes' thread pools, allocators and arenas live side by
+            side and can slow each other down).
+        block: latency mode: measured rounds each engine runs back to back before the next engine's turn
+            (1: the engines alternate on every image); the order of the engines flips every block.
+        settle: latency mode: untimed calls of each engine before each of its blocks.
         profile: also profile each engine whose runner can time its layers, alone in a fresh process
             (:mod:`cellseg_deploy.bench.profile`): by model part and precision, in ``engines[e].profile``.
         post: the post-processing settings (the same for every engine).
@@ -141,6 +156,9 @@ class BenchSettings:
     memory: bool = True
     memory_rounds: int = 2
     profile: bool = False
+    isolation: str = "process"
+    block: int = 1
+    settle: int = 0
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
     runner_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = True
@@ -166,6 +184,12 @@ class BenchSettings:
             )
         if self.mode == "latency" and (self.concurrency > 1 or self.workers is not None):
             raise ConfigError("--concurrency and --workers belong to --mode throughput")
+        if self.block < 1 or self.settle < 0:
+            raise ConfigError(
+                f"--block must be at least 1 and --settle 0 or more, got {self.block}, {self.settle}"
+            )
+        if self.isolation not in ISOLATIONS:
+            raise ConfigError(f"--isolation must be one of {', '.join(ISOLATIONS)}, got {self.isolation!r}")
         if self.mode == "throughput" and self.workers == 0 and self.concurrency > 1:
             raise ConfigError("--concurrency above 1 needs host workers (--workers 1 or more)")
         if not self.engines:
@@ -248,95 +272,6 @@ def parse_runner_options(
     return out
 
 
-@dataclass
-class _Sample:
-    engine: str
-    round: int
-    images: tuple[int, ...]
-    total_s: float
-    stages: dict[str, float]
-    substages: dict[str, float]
-    detections: int
-    instances: int
-    cuda_torch_peak: int | None = None
-    cuda_events_s: float | None = None
-
-
-class _Pipeline:
-    """One engine's full pipeline on one sample, timed."""
-
-    def __init__(self, label: str, runner: Runner, settings: BenchSettings, sync: SyncFn) -> None:
-        from cellseg_deploy.data.io import read_image
-
-        self.label = label
-        self.runner = runner
-        self.post = settings.post
-        self.sync = sync
-        self.read_image = read_image
-        self.cuda = settings.device.startswith("cuda") and "torch" in sys.modules
-        self.device = settings.device
-        self.events = self.cuda and runner.name == "torch"
-
-    def run(self, paths: list[Path], round_index: int, images: tuple[int, ...]) -> _Sample:
-        """Decode, infer and post-process ``paths`` once; the timed record of it."""
-        torch: Any = sys.modules.get("torch") if self.cuda else None
-        if torch is not None:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        timer = CudaEventTimer(self.device) if self.events else None
-        self.sync()
-        t0 = time.perf_counter()
-        arrays = [self.read_image(p) for p in paths]
-        t1 = time.perf_counter()
-        if timer is not None:
-            timer.start()
-        dets: list[Detections] = (
-            [self.runner.infer(arrays[0])] if len(arrays) == 1 else self.runner.infer_batch(arrays)
-        )
-        if timer is not None:
-            timer.stop()
-        self.sync()
-        t2 = time.perf_counter()
-        with naming_model_output(model=self.runner.model_path, image=", ".join(p.name for p in paths)):
-            insts = [postprocess(det, self.post) for det in dets]
-        t3 = time.perf_counter()
-        stages, sub = _stage_times(dets, t1 - t0, t2 - t1, t3 - t0)
-        return _Sample(
-            engine=self.label,
-            round=round_index,
-            images=images,
-            total_s=t3 - t0,
-            stages=stages,
-            substages=sub,
-            detections=sum(len(d) for d in dets),
-            instances=sum(len(i) for i in insts),
-            cuda_torch_peak=int(torch.cuda.max_memory_allocated(self.device)) if torch is not None else None,
-            cuda_events_s=timer.elapsed_s() if timer is not None else None,
-        )
-
-
-def _stage_times(
-    dets: list[Detections], decode_s: float, infer_s: float, total_s: float
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Split a sample into :data:`STAGES` (summing to ``total_s``) plus the runners' finer timings.
-
-    ``infer_s`` is the wall time of the runner call; ``infer_other`` is what its ``preprocess`` and
-    ``network`` timings leave of it.
-    """
-    own = ("preprocess", "network")
-    stages = dict.fromkeys(STAGES, 0.0)
-    stages["decode"] = decode_s
-    sub: dict[str, float] = {}
-    for det in dets:
-        for key, value in det.timings.items():
-            if key in own or key in ("paste", "rle"):
-                stages[key] += float(value)
-            else:
-                sub[key] = sub.get(key, 0.0) + float(value)
-    stages["infer_other"] = max(infer_s - stages["preprocess"] - stages["network"], 0.0)
-    stages["other"] = max(total_s - sum(v for k, v in stages.items() if k != "other"), 0.0)
-    return stages, sub
-
-
 def _engine_runner(label: str, models: dict[str, EngineModel], settings: BenchSettings) -> Runner:
     """The (not yet loaded) runner of one engine label, with the benchmark's device, precision and threads."""
     runner_name, precision = split_label(label)
@@ -389,22 +324,30 @@ def run_benchmark(
     batches = _batches(len(workload.images), settings.batch)
     paths = [im.path for im in workload.images]
     load_before = load_average()
-    samples: list[_Sample] = []
+    samples: list[Sample] = []
     infos: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
-        pipelines: dict[str, _Pipeline] = {}
+        pipelines: dict[str, SamplePipeline | EngineProcess] = {}
         for label in settings.engines:
+            if settings.isolation == "process":
+                process = stack.enter_context(
+                    EngineProcess(_memory_spec(label, models[label], settings, paths, rounds=0))
+                )
+                infos[label] = process.info
+                pipelines[label] = process
+                continue
             runner = _engine_runner(label, models, settings)
             stack.enter_context(runner)
             check_batching(runner, settings.batch)
             infos[label] = runner.info()
-            pipelines[label] = _Pipeline(label, runner, settings, sync)
+            pipelines[label] = SamplePipeline(label, runner, settings.post, settings.device, sync)
         environment = capture_environment(settings.device, settings.threads)
         environment["load_average"] = load_before
         total_calls = (
             None
             if settings.iters is None
             else (settings.warmup + settings.iters) * len(batches) * len(pipelines)
+            + -(-settings.iters // settings.block) * settings.settle * len(pipelines)
         )
         bar = tqdm(
             total=total_calls,
@@ -421,18 +364,26 @@ def run_benchmark(
                         bar.update(1)
             start = time.perf_counter()
             r = 0
+            block = 0
             while True:
-                for idx in batches:
-                    for label in _round_order(settings.engines, r):
-                        samples.append(pipelines[label].run([paths[i] for i in idx], r, idx))
-                        bar.update(1)
-                r += 1
+                count = settings.block if settings.iters is None else min(settings.block, settings.iters - r)
+                for label, b, round_index, timed in block_schedule(
+                    settings.engines, len(batches), r, count, block, settings.settle
+                ):
+                    idx = batches[b]
+                    sample = pipelines[label].run([paths[i] for i in idx], round_index, idx)
+                    if timed:
+                        samples.append(sample)
+                    bar.update(1)
+                r += count
+                block += 1
                 if settings.iters is not None and r >= settings.iters:
                     break
                 if settings.seconds is not None and time.perf_counter() - start >= settings.seconds:
                     break
         measured_s = time.perf_counter() - start
     process_peak = peak_rss_mb()
+    engine_peaks = {n: p.peak_rss_mb for n, p in pipelines.items() if isinstance(p, EngineProcess)}
     memory: dict[str, dict[str, Any]] = {}
     if settings.memory:
         # as many timed passes alone as the run measured, so the run/alone ratio compares like numbers
@@ -442,6 +393,8 @@ def run_benchmark(
                 _memory_spec(label, models[label], settings, paths, rounds, warmup=settings.warmup)
             )
     result = _assemble(settings, models, workload, samples, infos, memory, environment, r, measured_s)
+    for label, peak in engine_peaks.items():
+        result["engines"][label]["run_process_peak_rss_mb"] = peak
     _add_profiles(result, settings, models, paths)
     result["process_peak_rss_mb"] = round(process_peak, 1)
     result["load_average_after"] = load_average()
@@ -451,6 +404,31 @@ def run_benchmark(
 
 def _round_order(engines: tuple[str, ...], r: int) -> tuple[str, ...]:
     return engines if r % 2 == 0 else tuple(reversed(engines))
+
+
+def block_schedule(
+    engines: tuple[str, ...], n_batches: int, first_round: int, rounds: int, block: int, settle: int
+) -> Iterator[tuple[str, int, int, bool]]:
+    """The calls of one block of measured rounds: ``(engine, batch index, round, timed)`` in order.
+
+    ``rounds == 1`` and ``settle == 0`` is the plain interleaving: every engine on each batch in turn, the
+    engine order flipped from one block to the next. Longer blocks run each engine's ``rounds`` rounds back to
+    back (the engines in turn, their order flipped every block), after ``settle`` untimed calls on the first
+    batch: the engine then times calls that follow its own, as it would alone, while the alternating blocks
+    still spread a drift of the machine over every engine.
+    """
+    order = _round_order(engines, block)
+    if rounds == 1 and settle == 0:
+        for b in range(n_batches):
+            for label in order:
+                yield label, b, first_round, True
+        return
+    for label in order:
+        for _ in range(settle):
+            yield label, 0, -1, False
+        for r in range(first_round, first_round + rounds):
+            for b in range(n_batches):
+                yield label, b, r, True
 
 
 def _runner_options(runner_name: str, settings: BenchSettings) -> dict[str, Any]:
@@ -474,7 +452,7 @@ def _run_throughput(
     pipeline = settings.loop
     paths = [im.path for im in workload.images]
     load_before = load_average()
-    samples: list[_Sample] = []
+    samples: list[Sample] = []
     infos: dict[str, dict[str, Any]] = {}
     throughput: dict[str, dict[str, Any]] = {}
     environment: dict[str, Any] = {}
@@ -500,14 +478,14 @@ def _run_throughput(
                 share = (time.perf_counter() - t0) / len(dets)
                 return [(det, share) for det in dets]
 
-            def finish(item: tuple[int, int], decoded: Any, out: Any, name: str = label) -> _Sample:
+            def finish(item: tuple[int, int], decoded: Any, out: Any, name: str = label) -> Sample:
                 image, t_in, t_decoded = decoded
                 det, infer_s = out
                 with naming_model_output(model=models[name].path, image=paths[item[1]].name):
                     inst = finish_image(det, image.shape[:2], settings.post)
                 total = time.perf_counter() - t_in
-                stages, sub = _stage_times([det], t_decoded - t_in, infer_s, total)
-                return _Sample(name, item[0], (item[1],), total, stages, sub, len(det), len(inst))
+                stages, sub = stage_times([det], t_decoded - t_in, infer_s, total)
+                return Sample(name, item[0], (item[1],), total, stages, sub, len(det), len(inst))
 
             def passes(first: int, count: int | None) -> Any:
                 r = first
@@ -518,8 +496,8 @@ def _run_throughput(
 
             def run(
                 items: Any, until: float | None = None, handles: list[Runner] = handles
-            ) -> tuple[list[_Sample], float]:
-                got: list[_Sample] = []
+            ) -> tuple[list[Sample], float]:
+                got: list[Sample] = []
                 t0 = time.perf_counter()
                 stream = run_pipeline(items, decode, infer, finish, pipeline, handles)
                 try:
@@ -648,7 +626,7 @@ def _assemble(
     settings: BenchSettings,
     models: dict[str, EngineModel],
     workload: Workload,
-    samples: list[_Sample],
+    samples: list[Sample],
     infos: dict[str, dict[str, Any]],
     memory: dict[str, dict[str, Any]],
     environment: dict[str, Any],
@@ -726,7 +704,12 @@ def _assemble(
         "measured_seconds": round(measured_s, 3),
         "latency_unit": f"per batch of {settings.batch} images" if settings.batch > 1 else "per image",
         "timing_method": "host wall clock (time.perf_counter); device synchronised before each sample and after "
-        "inference; warm-up excluded; engines interleaved, order flipped every round",
+        "inference; warm-up excluded; engines interleaved, order flipped every round"
+        + (
+            "; each engine in a process of its own"
+            if settings.isolation == "process"
+            else "; engines in one process"
+        ),
         "workload": workload.to_dict(),
         "environment": environment,
         "definitions": DEFINITIONS,

@@ -133,6 +133,29 @@ from cellseg_deploy.cli.options import (
 )
 @click.option("--no-memory", is_flag=True, help="Skip the per-engine peak-memory probes (fresh processes).")
 @click.option(
+    "--isolation",
+    type=click.Choice(["process", "shared"]),
+    default="process",
+    show_default=True,
+    help="Latency mode: each engine in a process of its own, driven in the interleaved order, or every engine "
+    "in the benchmark's process (where their thread pools and allocators share it).",
+)
+@click.option(
+    "--block",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Latency mode: measured rounds each engine runs back to back before the next engine's turn (the "
+    "order flips every block); 1 alternates the engines on every image.",
+)
+@click.option(
+    "--settle",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Latency mode: untimed calls of each engine before each of its blocks.",
+)
+@click.option(
     "--profile",
     is_flag=True,
     help="Also profile every layer of the openvino and onnx engines (alone, fresh process, after the timed "
@@ -187,6 +210,9 @@ def bench(
     sweep_cells: str | None,
     sweep_sizes: str | None,
     no_memory: bool,
+    isolation: str,
+    block: int,
+    settle: int,
     profile: bool,
     score_thresh: float,
     out_dir: Path,
@@ -245,6 +271,9 @@ def bench(
         workers=workers,
         memory=not no_memory,
         profile=profile,
+        isolation=isolation,
+        block=block,
+        settle=settle,
         post=PostprocessConfig(score_thresh=score_thresh),
         runner_options=dict(parse_runner_options(options, engines)),
         progress=progress,

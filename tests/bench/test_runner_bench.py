@@ -13,16 +13,16 @@ from cellseg_deploy.backends.pytorch.runner import TorchRunner
 from cellseg_deploy.bench.models import resolve_engine_models
 from cellseg_deploy.bench.runner_bench import (
     ALONE_TOLERANCE,
-    STAGES,
     BenchSettings,
     _alone,
-    _stage_times,
     _warnings,
+    block_schedule,
     parse_engine_specs,
     parse_runner_options,
     run_benchmark,
     split_label,
 )
+from cellseg_deploy.bench.sample import STAGES, stage_times
 from cellseg_deploy.bench.workload import synthetic_workload
 from cellseg_deploy.errors import ConfigError, UserError
 from cellseg_deploy.structures import Detections
@@ -71,6 +71,9 @@ def _test_runners() -> Any:
         ({"batch": 0}, "batch"),
         ({"warmup": -1}, "warm-up"),
         ({"device": "tpu"}, "device"),
+        ({"block": 0}, "--block"),
+        ({"settle": -1}, "--settle"),
+        ({"isolation": "thread"}, "--isolation"),
     ],
 )
 def test_settings_reject_bad_values(kwargs: dict[str, Any], match: str) -> None:
@@ -81,7 +84,7 @@ def test_settings_reject_bad_values(kwargs: dict[str, Any], match: str) -> None:
 def test_stages_add_up_to_the_total() -> None:
     det = Detections.empty((10, 10))
     det.timings = {"preprocess": 0.001, "network": 0.010, "paste": 0.002, "rle": 0.003, "backbone": 0.007}
-    stages, sub = _stage_times([det], decode_s=0.004, infer_s=0.015, total_s=0.025)
+    stages, sub = stage_times([det], decode_s=0.004, infer_s=0.015, total_s=0.025)
     assert set(stages) == set(STAGES)
     assert sum(stages.values()) == pytest.approx(0.025)
     assert stages["infer_other"] == pytest.approx(0.004)  # the runner call minus its preprocess and network
@@ -118,7 +121,9 @@ def test_engines_interleave_and_flip_order(tiny_setup: tuple[Path, Any]) -> None
     engines = ("torch-logged", "torch-logged-b")
     models = {e: m for e, m in resolve_engine_models(engines, model_for={e: ckpt for e in engines}).items()}
     CALLS.clear()
-    settings = BenchSettings(engines=engines, warmup=1, iters=2, threads=1, memory=False, progress=False)
+    settings = BenchSettings(
+        engines=engines, warmup=1, iters=2, threads=1, memory=False, progress=False, isolation="shared"
+    )
     result = run_benchmark(settings, models, workload)
     a, b = engines
     # warm-up round 0 and measured round 0: A, B per image; measured round 1: B, A per image.
@@ -132,6 +137,48 @@ def test_engines_interleave_and_flip_order(tiny_setup: tuple[Path, Any]) -> None
         assert [p["image"] for p in e["per_image"]] == [im.name for im in workload.images]
         assert e["memory"] == {"skipped": "memory probes were not asked for"}
     assert result["engines"][a]["speedup_vs_torch"] is None  # no engine named torch in this run
+
+
+def test_blocks_run_each_engine_back_to_back_after_settling(tiny_setup: tuple[Path, Any]) -> None:
+    ckpt, workload = tiny_setup
+    engines = ("torch-logged", "torch-logged-b")
+    models = {e: m for e, m in resolve_engine_models(engines, model_for={e: ckpt for e in engines}).items()}
+    CALLS.clear()
+    settings = BenchSettings(
+        engines=engines,
+        warmup=0,
+        iters=3,
+        block=2,
+        settle=1,
+        threads=1,
+        memory=False,
+        progress=False,
+        isolation="shared",
+    )
+    result = run_benchmark(settings, models, workload)
+    a, b = engines
+    # block 0: A settles once then 2 rounds x 2 images, then B; block 1 (the last round): B first, then A
+    expected = [a, *(a,) * 4, b, *(b,) * 4, b, b, b, a, a, a]
+    assert expected == CALLS
+    for name in engines:  # the settling calls are not samples
+        assert result["engines"][name]["latency"]["n"] == 3 * len(workload.images)
+
+
+def test_block_schedule_of_one_round_is_the_plain_interleaving() -> None:
+    engines = ("a", "b", "c")
+    assert list(block_schedule(engines, 2, 5, 1, 1, 0)) == [
+        ("c", 0, 5, True),
+        ("b", 0, 5, True),
+        ("a", 0, 5, True),
+        ("c", 1, 5, True),
+        ("b", 1, 5, True),
+        ("a", 1, 5, True),
+    ]
+    calls = list(block_schedule(("a", "b"), 1, 0, 2, 0, 1))
+    assert calls == [
+        *[("a", 0, -1, False), ("a", 0, 0, True), ("a", 0, 1, True)],
+        *[("b", 0, -1, False), ("b", 0, 0, True), ("b", 0, 1, True)],
+    ]
 
 
 def test_time_budget_runs_whole_rounds(tiny_setup: tuple[Path, Any]) -> None:
@@ -150,7 +197,13 @@ def test_batch_needs_a_batching_runner(tiny_setup: tuple[Path, Any]) -> None:
     ckpt, workload = tiny_setup
     models = resolve_engine_models(["torch-one-at-a-time"], model_for={"torch-one-at-a-time": ckpt})
     settings = BenchSettings(
-        engines=("torch-one-at-a-time",), warmup=0, iters=1, batch=2, memory=False, progress=False
+        engines=("torch-one-at-a-time",),
+        warmup=0,
+        iters=1,
+        batch=2,
+        memory=False,
+        progress=False,
+        isolation="shared",  # a runner registered in this test exists in this process only
     )
     with pytest.raises(UserError, match="one at a time"):
         run_benchmark(settings, models, workload)
@@ -208,3 +261,24 @@ def test_no_alone_figure_without_a_timed_probe() -> None:
     assert _alone(100.0, {"error": "memory probe exited with code 1: boom"}) is None
     assert _alone(100.0, {"alone_latency": {"n": 0, "p50_ms": 0.0, "mean_ms": 0.0}}) is None
     assert not [w for w in _warnings(_result_with(100.0, None)) if "alone" in w]
+
+
+def test_an_engine_process_that_cannot_load_is_a_one_line_error(tmp_path: Path) -> None:
+    from cellseg_deploy.bench.engine_process import EngineProcess
+
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    spec = {
+        "engine": "onnx",
+        "label": "onnx",
+        "model_path": str(bad),
+        "device": "cpu",
+        "precision": "fp32",
+        "threads": 1,
+        "batch": 1,
+        "options": {},
+        "post": {},
+    }
+    with pytest.raises(UserError, match="engine 'onnx': ONNX Runtime cannot load") as info:
+        EngineProcess(spec)
+    assert "\n" not in str(info.value)
