@@ -50,7 +50,11 @@ class EngineProcess:
             bufsize=1,
         )
         self.peak_rss_mb: float | None = None
-        reply = self._ask(spec)
+        try:
+            reply = self._ask(spec)
+        except UserError:
+            self.close()
+            raise
         self.info: dict[str, Any] = reply["info"]
 
     def run(self, paths: list[Path], round_index: int, images: tuple[int, ...]) -> Any:
@@ -114,8 +118,7 @@ def _send(message: dict[str, Any]) -> None:
 
 
 def _serve() -> int:
-    from cellseg_deploy.backends import create_runner
-    from cellseg_deploy.bench.memory import peak_rss_mb
+    from cellseg_deploy.bench.memory import peak_rss_mb, runner_from_spec
     from cellseg_deploy.bench.sample import SamplePipeline
     from cellseg_deploy.bench.timing import device_synchronizer
     from cellseg_deploy.evaluation.pipeline import check_batching
@@ -123,14 +126,7 @@ def _serve() -> int:
 
     spec = json.loads(sys.stdin.readline())
     try:
-        runner = create_runner(
-            spec["engine"],
-            spec["model_path"],
-            device=spec["device"],
-            precision=spec["precision"],
-            threads=spec["threads"],
-            options=spec.get("options") or {},
-        ).load()
+        runner = runner_from_spec(spec).load()
         check_batching(runner, int(spec["batch"]))
     except UserError as exc:
         _send({"error": str(exc)})

@@ -75,7 +75,7 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import psutil
 
-    from cellseg_deploy.backends import create_runner, get_runner_class
+    from cellseg_deploy.backends import get_runner_class
     from cellseg_deploy.data.io import read_image
     from cellseg_deploy.postprocess import PostprocessConfig, postprocess
 
@@ -98,14 +98,7 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
     paths = [Path(p) for p in spec["image_paths"]]
     batch = int(spec["batch"])
     device_peak = 0
-    runner = create_runner(
-        spec["engine"],
-        spec["model_path"],
-        device=device,
-        precision=spec["precision"],
-        threads=spec["threads"],
-        options=spec.get("options") or {},
-    )
+    runner = runner_from_spec(spec)
     with runner:
         loaded = proc.memory_info().rss / 2**20
         calls = 0
@@ -145,6 +138,20 @@ def measure_memory(spec: dict[str, Any]) -> dict[str, Any]:
         out["cuda_torch_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["cuda_device_used_peak_over_baseline_mb"] = round((device_peak - device_base) / 2**20, 1)
     return out
+
+
+def runner_from_spec(spec: dict[str, Any], **options: Any) -> Any:
+    """The (not yet loaded) runner a probe's ``spec`` names, with ``options`` over the spec's own."""
+    from cellseg_deploy.backends import create_runner
+
+    return create_runner(
+        spec["engine"],
+        spec["model_path"],
+        device=spec["device"],
+        precision=spec["precision"],
+        threads=spec["threads"],
+        options={**(spec.get("options") or {}), **options},
+    )
 
 
 def probe_memory(spec: dict[str, Any], timeout_s: float = 1800.0) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cellseg_deploy.bench.memory import run_fresh
+from cellseg_deploy.bench.memory import run_fresh, runner_from_spec
 from cellseg_deploy.structures import LayerTime
 
 MARKER = "CELLSEG_BENCH_PROFILE "
@@ -157,19 +157,11 @@ def profile_engine(spec: dict[str, Any]) -> dict[str, Any]:
     ``label``, ``model_path``, ``device``, ``precision``, ``threads``, ``options``, ``image_paths``,
     ``rounds``, ``warmup``.
     """
-    from cellseg_deploy.backends import create_runner
     from cellseg_deploy.data.io import read_image
 
     images = [read_image(Path(p)) for p in spec["image_paths"]]
     warmup = int(spec.get("warmup", 0))
-    runner = create_runner(
-        spec["engine"],
-        spec["model_path"],
-        device=spec["device"],
-        precision=spec["precision"],
-        threads=spec["threads"],
-        options={**(spec.get("options") or {}), "profile": True},
-    )
+    runner = runner_from_spec(spec, profile=True)
     with runner:
         for _ in range(warmup + int(spec["rounds"])):
             for image in images:
