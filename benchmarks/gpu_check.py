@@ -257,6 +257,8 @@ def _bench(plan: Plan, engines: list[str], size: int, cells: int, step: Step) ->
             memory=False,
             runner_options={"trt": {"rebuild": True}},
             progress=False,
+            # a dry run's TensorRT is the test double, which exists in this process only
+            isolation="shared" if plan.dry_run else "process",
         )
         out = plan.out / f"bench-{size}-{cells}" / (f"run{index}" if len(groups) > 1 else "")
         request = BenchRequest(

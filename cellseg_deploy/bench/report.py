@@ -155,7 +155,7 @@ def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-def _instructions(cpu: dict[str, Any]) -> str:
+def instructions_text(cpu: dict[str, Any]) -> str:
     """``; AVX2, AVX-512`` for the CPU line; empty for results written before the field existed or off Linux."""
     names = cpu.get("instructions")
     return "; " + ", ".join(names) if names else ""
@@ -168,7 +168,7 @@ def _env_lines(result: dict[str, Any]) -> list[str]:
     gpu = env.get("gpu")
     lines = [
         f"CPU: {cpu['model']} ({cpu['usable_cores']} usable / {cpu['logical_cores']} logical cores"
-        f"{_instructions(cpu)}), "
+        f"{instructions_text(cpu)}), "
         f"{env['memory_total_mb'] / 1024:.1f} GiB RAM; OS: {env['os']}",
         "threads: " + ", ".join(f"{k}={val}" for k, val in env["threads"].items() if val is not None),
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),

@@ -157,6 +157,7 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
     from cellseg_deploy.backends import get_runner_class
     from cellseg_deploy.bench.api import BenchRequest, models_by_label, run_bench
     from cellseg_deploy.bench.models import resolve_engine_models
+    from cellseg_deploy.bench.report import instructions_text
     from cellseg_deploy.bench.runner_bench import BenchSettings, split_label
 
     say = log_fn or (lambda _msg: None)
@@ -269,7 +270,7 @@ def run_scorecard(request: ScorecardRequest, log_fn: Log | None = None) -> dict[
             "plots": bench["outputs"]["plots"],
             "workload": bench["workload"]["description"],
             "threads": _threads_used(bench),
-            "cpu": bench["environment"]["cpu"]["model"],
+            "cpu": bench["environment"]["cpu"]["model"] + instructions_text(bench["environment"]["cpu"]),
             "warnings": bench.get("warnings", []),
         },
     }
@@ -436,7 +437,7 @@ def markdown_report(result: dict[str, Any], chart: str | None = None) -> str:
         f"{req['min_iou']}); the tolerance profile is the engine's precision; a verdict needs "
         f"{req['min_instances']} instances; `agreement` is the F1 of the optimal matching (1 for identical).",
         f"- speed: {bench['workload']}; {req['warmup']} warm-up and {req['iters']} measured rounds, engines "
-        f"interleaved; {bench['cpu']}; threads {bench['threads']}. `x torch (p50)`: torch's p50 over the "
+        f"interleaved, each in a process of its own; {bench['cpu']}; threads {bench['threads']}. `x torch (p50)`: torch's p50 over the "
         "engine's, same run. `peak RSS MB`: the engine alone in a fresh process.",
         f"- model files: exported once into `{req['cache_dir'] or Path(req['out_dir']) / 'models'}` and reused "
         "while the checkpoint is unchanged; size is the file (OpenVINO: .xml + .bin; a stage folder: every "

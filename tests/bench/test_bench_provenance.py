@@ -67,7 +67,19 @@ def test_bench_cli_refuses_then_marks_the_mismatch(
 ) -> None:
     ckpt, _, other = two_exports
     argv = ["bench", "--engine", "torch,onnx", "--model", str(ckpt), "--model-for", f"onnx={other}"]
-    argv += ["--imgsz", "128", "--cells", "8", "--iters", "1", "--warmup", "0", "--no-memory"]
+    argv += [
+        "--imgsz",
+        "128",
+        "--cells",
+        "8",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--isolation",
+        "shared",
+    ]
     argv += ["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -142,6 +142,8 @@ def test_untrained_models_give_the_asked_detections_on_every_engine(
         "--threads",
         "1",
         "--no-memory",
+        "--isolation",
+        "shared",  # the profile runs in its own process whatever the isolation
         "--profile",
         "--out",
         str(tmp_path / "o"),
@@ -182,6 +184,8 @@ def test_cells_sweep_controls_detections(tmp_path: Path, capsys: pytest.CaptureF
         "--threads",
         "1",
         "--no-memory",
+        "--isolation",
+        "shared",  # the default (process) is covered above; this test is about the sweep
         "--sweep",
         "cells",
         "--sweep-cells",

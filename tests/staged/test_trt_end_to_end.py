@@ -95,6 +95,7 @@ def test_cli_bench_trt_and_trt_fp16(trt_double, random_tiny_checkpoint: Path, tm
             "--warmup", "0",
             "--iters", "2",
             "--no-memory",
+            "--isolation", "shared",  # the TensorRT double lives in this process only
             "--out", str(out),
             "--cache", str(tmp_path / "cache"),
         ]
