@@ -22,9 +22,11 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from cellseg_deploy.bench.sample import Sample
 from cellseg_deploy.errors import CheckFailed, InvalidModelOutput, UserError
 
 PREFIX = "CELLSEG_ENGINE "
@@ -41,11 +43,14 @@ class EngineProcess:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.label: str = spec.get("label", spec["engine"])
+        # stderr to a file, not a pipe: a chatty library would fill a pipe nobody reads during the run and
+        # block the engine; the file's last line is the error message when the process dies
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cellseg_deploy.bench.engine_process"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
             bufsize=1,
         )
@@ -57,9 +62,7 @@ class EngineProcess:
             raise
         self.info: dict[str, Any] = reply["info"]
 
-    def run(self, paths: list[Path], round_index: int, images: tuple[int, ...]) -> Any:
-        from cellseg_deploy.bench.sample import Sample
-
+    def run(self, paths: list[Path], round_index: int, images: tuple[int, ...]) -> Sample:
         reply = self._ask({"paths": [str(p) for p in paths], "round": round_index, "images": list(images)})
         reply["images"] = tuple(reply["images"])
         return Sample(**reply)
@@ -72,7 +75,7 @@ class EngineProcess:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout, self.stderr):
             if stream is not None:
                 stream.close()
 
@@ -92,8 +95,8 @@ class EngineProcess:
             reply = None
         if reply is None:
             self.proc.wait(timeout=60)
-            assert self.proc.stderr is not None
-            lines = self.proc.stderr.read().strip().splitlines() or ["no output"]
+            self.stderr.seek(0)
+            lines = self.stderr.read().strip().splitlines() or ["no output"]
             raise UserError(
                 f"the process of engine {self.label!r} exited with code {self.proc.returncode}: {lines[-1][:300]}"
             )
