@@ -53,6 +53,8 @@ MODEL_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 """Part name -> module-path prefixes, most specific first within a module (``/rpn/head/`` before ``/rpn/``)."""
 
+UNATTRIBUTED = "unattributed"
+
 PART_ORDER: tuple[str, ...] = (
     "preprocess",
     "backbone",
@@ -63,11 +65,9 @@ PART_ORDER: tuple[str, ...] = (
     "box_head",
     "detections_nms",
     "mask_head",
-    "unattributed",
+    UNATTRIBUTED,
 )
 """The parts in pipeline order, for tables and plots."""
-
-UNATTRIBUTED = "unattributed"
 
 
 def part_of_name(name: str) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg_deploy.bench.profile import PART_ORDER, precision_shares
-from cellseg_deploy.plots import new_figure, save_png
+from cellseg_deploy.plots import stacked_bars
 
 TOP_LAYERS = 10
 """Slowest layers listed per engine in the Markdown report (all of them are in the JSON)."""
@@ -69,21 +69,15 @@ def plot_profile(result: dict[str, Any], path: Path) -> Path:
     """Stacked bars of each profiled engine's layer time per call by model part."""
     profiles = profiled(result)
     names = list(profiles)
-    fig = new_figure(8.6, max(2.4, 0.42 * len(names) + 1.5))
-    ax = fig.add_subplot(1, 1, 1)
-    left = [0.0] * len(names)
+    segments = []
     for i, part in enumerate(PART_ORDER):
         widths = [float(profiles[n]["parts"].get(part, {}).get("ms", 0.0)) for n in names]
-        if not any(widths):
-            continue
-        ax.barh(names, widths, left=left, label=part, color=f"C{i}", height=0.65)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    for i, width in enumerate(left):
-        ax.annotate(f"{width:.0f} ms", (width, i), textcoords="offset points", xytext=(4, -3), fontsize=7)
-    ax.set_xlim(0, max(left) * 1.12 if max(left) > 0 else 1.0)
-    ax.set_ylim(len(names) - 0.5, -0.5)
-    ax.set_xlabel("layer time per call (ms, the runtime's profiler; alone in a fresh process)")
-    ax.set_title("per-layer profile by model part", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.tick_params(axis="y", labelsize=8)
-    return save_png(fig, path)
+        if any(widths):
+            segments.append((part, f"C{i}", widths))
+    return stacked_bars(
+        names,
+        segments,
+        xlabel="layer time per call (ms, the runtime's profiler; alone in a fresh process)",
+        title="per-layer profile by model part",
+        path=path,
+    )

@@ -32,7 +32,7 @@ from cellseg_deploy.bench.profile_report import (
 )
 from cellseg_deploy.bench.sample import STAGES
 from cellseg_deploy.io_utils import atomic_write_json, atomic_write_text
-from cellseg_deploy.plots import new_figure, save_png
+from cellseg_deploy.plots import new_figure, save_png, stacked_bars
 from cellseg_deploy.tables import format_table, markdown_table
 
 MAIN_HEADERS = [
@@ -486,25 +486,15 @@ def plot_stages(result: dict[str, Any], path: Path) -> Path:
     totals = {n: sum(v.values()) for n, v in segments.items()}
     # Stages under 0.5 % of every engine's total are invisible bars: leave them out of the legend too.
     shown = [k for k in STAGE_LABELS if any(segments[n][k] > 0.005 * max(totals[n], 1e-9) for n in names)]
-    fig = new_figure(8.6, max(2.4, 0.42 * len(names) + 1.5))
-    ax = fig.add_subplot(1, 1, 1)
     colours = {k: f"C{i}" for i, k in enumerate(STAGE_LABELS)}
-    left = [0.0] * len(names)
-    for stage in shown:
-        widths = [segments[n][stage] for n in names]
-        ax.barh(names, widths, left=left, label=STAGE_LABELS[stage], color=colours[stage], height=0.65)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    for i, n in enumerate(names):
-        ax.annotate(
-            f"{totals[n]:.0f} ms", (left[i], i), textcoords="offset points", xytext=(4, -3), fontsize=7
-        )
-    ax.set_xlim(0, max(left) * 1.12)
-    ax.set_ylim(len(names) - 0.5, -0.5)  # first engine on top, no empty band below the last bar
-    ax.set_xlabel("mean time per image (ms)")
-    ax.set_title("where the time goes\n" + _subtitle(result), fontsize=9)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.tick_params(axis="y", labelsize=8)
-    return save_png(fig, path)
+    return stacked_bars(
+        names,
+        [(STAGE_LABELS[k], colours[k], [segments[n][k] for n in names]) for k in shown],
+        xlabel="mean time per image (ms)",
+        title="where the time goes\n" + _subtitle(result),
+        path=path,
+        totals=[totals[n] for n in names],  # every stage, the ones too small to draw too
+    )
 
 
 def _xy_lines(

@@ -331,7 +331,7 @@ def run_benchmark(
         for label in settings.engines:
             if settings.isolation == "process":
                 process = stack.enter_context(
-                    EngineProcess(_memory_spec(label, models[label], settings, paths, rounds=0))
+                    EngineProcess(_engine_spec(label, models[label], settings, paths, rounds=0))
                 )
                 infos[label] = process.info
                 pipelines[label] = process
@@ -390,7 +390,7 @@ def run_benchmark(
         for label in settings.engines:
             rounds = max(settings.memory_rounds, r)
             memory[label] = probe_memory(
-                _memory_spec(label, models[label], settings, paths, rounds, warmup=settings.warmup)
+                _engine_spec(label, models[label], settings, paths, rounds, warmup=settings.warmup)
             )
     result = _assemble(settings, models, workload, samples, infos, memory, environment, r, measured_s)
     for label, peak in engine_peaks.items():
@@ -535,7 +535,7 @@ def _run_throughput(
     if settings.memory:
         for label in settings.engines:
             memory[label] = probe_memory(
-                _memory_spec(label, models[label], settings, paths, settings.memory_rounds)
+                _engine_spec(label, models[label], settings, paths, settings.memory_rounds)
             )
     result = _assemble(
         settings, models, workload, samples, infos, memory, environment, rounds, measured_total
@@ -561,9 +561,11 @@ def _run_throughput(
     return result
 
 
-def _memory_spec(
+def _engine_spec(
     label: str, model: EngineModel, settings: BenchSettings, paths: list[Path], rounds: int, warmup: int = 0
 ) -> dict[str, Any]:
+    """What a fresh process needs to run one engine as the benchmark does (the memory probe, the profile and
+    the engine process all read it)."""
     runner_name, precision = split_label(label)
     return {
         "engine": runner_name,
@@ -594,7 +596,7 @@ def _add_profiles(
         if not get_runner_class(runner_name).layer_profiling:
             entry["profile"] = {"skipped": f"runner {runner_name!r} has no per-layer profiler"}
             continue
-        spec = _memory_spec(
+        spec = _engine_spec(
             label, models[label], settings, paths, settings.memory_rounds, warmup=max(1, settings.warmup)
         )
         entry["profile"] = probe_profile(spec)
