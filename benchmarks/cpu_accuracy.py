@@ -24,6 +24,7 @@ Usage::
 
     python benchmarks/cpu_accuracy.py --checkpoint runs/r50/best.pt --data data/synth --out benchmarks/cpu-accuracy
     python benchmarks/cpu_accuracy.py --checkpoint runs/tiny/best.pt --data data/synth --out runs/acc --cases val
+    python benchmarks/cpu_accuracy.py --checkpoint runs/r50/best.pt --data data/synth --proposals 300 --out runs/acc-p300
     python benchmarks/cpu_accuracy.py --plot-only --out benchmarks/cpu-accuracy   # redraw ap50.png from summary.json
 
 Writes ``OUT/summary.json`` (every evaluation and parity report), ``OUT/summary.md`` (the tables) and
@@ -274,6 +275,17 @@ def passed(cases: dict[str, dict[str, Any]]) -> bool:
     )
 
 
+def _proposals_line(summary: dict[str, Any]) -> str:
+    """The RPN proposal setting every engine ran with (summaries from before the option say nothing)."""
+    if "proposals" not in summary:
+        return "RPN proposals per image: the checkpoint's own."
+    how = "retuned with --proposals" if summary["retuned"] else "the checkpoint's own"
+    return (
+        f"RPN proposals per image: {summary['proposals']} after NMS, {summary['pre_nms_top_n']} per level "
+        f"before it ({how}; every engine, PyTorch included)."
+    )
+
+
 def write_markdown(summary: dict[str, Any], path: Path) -> Path:
     from cellseg_deploy.evaluation.parity import min_gt_for_ap_gate
 
@@ -283,6 +295,7 @@ def write_markdown(summary: dict[str, Any], path: Path) -> Path:
         "",
         f"Made by `{summary['command']}` on {summary['created']} ({summary['seconds']:.0f} s).",
         f"Checkpoint: `{summary['checkpoint']}` (arch `{summary['arch']}`, sha256 {summary['checkpoint_sha256'][:12]}).",
+        _proposals_line(summary),
         f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cores']} usable cores; threads per runner "
         f"{summary['threads'] or 'default'}.",
         "",
@@ -399,6 +412,21 @@ def replot(out: Path) -> int:
     return 0
 
 
+def _retuned_from(path: Path, source: Path, proposals: int) -> bool:
+    """Whether ``path`` is ``source`` retuned to ``proposals`` (a checkpoint's bytes change with every write)."""
+    from cellseg_deploy.io_utils import sha256_file
+    from cellseg_deploy.modeling import load_checkpoint
+
+    if not path.is_file():
+        return False
+    try:
+        config = load_checkpoint(path).model_config
+    except UserError:
+        return False
+    record = config.extra.get("retuned", {})
+    return record.get("from_sha256") == sha256_file(source) and config.rpn_post_nms_top_n_test == proposals
+
+
 def run(
     checkpoint: Path,
     data: Path,
@@ -410,16 +438,30 @@ def run(
     threads: int | None = None,
     max_diff: float = MAX_AP50_DIFF,
     seed: int = 0,
+    proposals: int | None = None,
     command: str = "",
 ) -> dict[str, Any]:
-    """Run every case and write ``out/summary.{json,md}`` and ``out/ap50.png``; returns the summary."""
+    """Run every case and write ``out/summary.{json,md}`` and ``out/ap50.png``; returns the summary.
+
+    ``proposals``: retune the checkpoint to that many RPN proposals per image first (``cellseg-deploy
+    retune``), so every engine, the reference included, runs the model with the setting; its exports go to
+    their own cache folder.
+    """
     from cellseg_deploy.io_utils import sha256_file
-    from cellseg_deploy.modeling import load_checkpoint
+    from cellseg_deploy.modeling import load_checkpoint, retune_checkpoint
 
     if "torch" not in engines:
         raise UserError("the engines must include torch: it is the reference every difference is taken to")
     t0 = time.perf_counter()
-    arch = load_checkpoint(checkpoint).model_config.arch
+    source = checkpoint
+    if proposals is not None:
+        cache = cache / f"proposals-{proposals}"
+        cache.mkdir(parents=True, exist_ok=True)
+        checkpoint = cache / "model.pt"
+        if not _retuned_from(checkpoint, source, proposals):  # else keep it: its exports stay valid
+            retune_checkpoint(source, checkpoint, proposals)
+    config = load_checkpoint(checkpoint).model_config
+    arch = config.arch
     environment = capture_environment("cpu", threads)
     results: dict[str, dict[str, Any]] = {}
     for case in cases:
@@ -446,9 +488,12 @@ def run(
         "command": command,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t0, 1),
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint": str(source),
+        "checkpoint_sha256": sha256_file(source),
         "arch": arch,
+        "proposals": config.rpn_post_nms_top_n_test,
+        "pre_nms_top_n": config.rpn_pre_nms_top_n_test,
+        "retuned": proposals is not None,
         "threads": threads,
         "max_ap50_diff": max_diff,
         "environment": environment,
@@ -477,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads per runner (default: each runner's)")
     p.add_argument("--max-ap50-diff", type=float, default=MAX_AP50_DIFF)
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic sets")
+    p.add_argument(
+        "--proposals",
+        type=int,
+        default=None,
+        help="RPN proposals per image for every engine (the checkpoint retuned first); default: its own",
+    )
     p.add_argument(
         "--plot-only",
         action="store_true",
@@ -513,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             max_diff=args.max_ap50_diff,
             seed=args.seed,
+            proposals=args.proposals,
             command="python benchmarks/cpu_accuracy.py "
             + " ".join(argv if argv is not None else sys.argv[1:]),
         )

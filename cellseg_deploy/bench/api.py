@@ -22,12 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cellseg_deploy.bench.models import EngineModel, build_untrained_checkpoint, resolve_engine_models
+from cellseg_deploy.bench.models import (
+    EngineModel,
+    build_untrained_checkpoint,
+    check_checkpoint_path,
+    resolve_engine_models,
+)
 from cellseg_deploy.bench.report import write_report
 from cellseg_deploy.bench.runner_bench import BenchSettings, run_benchmark, split_label
 from cellseg_deploy.bench.sweep import DEFAULT_CELLS, DEFAULT_SIZES, run_sweep
 from cellseg_deploy.bench.workload import Workload, folder_workload, synthetic_workload
 from cellseg_deploy.errors import ConfigError
+from cellseg_deploy.io_utils import sha256_file
 
 Log = Callable[[str], None]
 
@@ -41,6 +47,9 @@ class BenchRequest:
         checkpoint: ``--model``; ``model_for``: ``--model-for``; ``untrained``: ``--untrained ARCH``.
         allow_mismatch: benchmark ``model_for`` files not exported from ``checkpoint`` (marked in the table).
         untrained_min_size: the untrained model's input size (short side, px).
+        proposals: RPN proposals per image at inference (``--proposals``), a model change: ``--model`` is
+            retuned into ``cache_dir/retuned/`` (:func:`~cellseg_deploy.modeling.retune.retune_checkpoint`),
+            the untrained model is built with it; ``None``: the model's own setting.
         data: a dataset root or image folder (``--data``); ``limit``: at most this many of its images.
         imgsz / cells / images / seed: the synthetic workload (square side px, cells per image, image count).
         sweeps: ``("cells",)``, ``("size",)``, both or none; ``sweep_cells`` / ``sweep_sizes``: their points.
@@ -53,6 +62,7 @@ class BenchRequest:
     allow_mismatch: bool = False
     untrained: str | None = None
     untrained_min_size: int = 512
+    proposals: int | None = None
     data: Path | None = None
     limit: int | None = None
     imgsz: int = 512
@@ -80,6 +90,8 @@ class BenchRequest:
             )
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        if self.proposals is not None and self.proposals < 1:
+            raise ConfigError(f"--proposals must be at least 1, got {self.proposals}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON (the settings are reported separately)."""
@@ -112,12 +124,15 @@ def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[st
     labels = request.settings.engines
     precision = request.settings.precision
     if request.untrained is None:
+        checkpoint = request.checkpoint
+        if checkpoint is not None and request.proposals is not None:
+            checkpoint = retuned_checkpoint(checkpoint, request.proposals, request.cache_dir, log)
         models = models_by_label(
             labels,
             precision,
             lambda engines: resolve_engine_models(
                 engines,
-                checkpoint=request.checkpoint,
+                checkpoint=checkpoint,
                 model_for=request.model_for,
                 cache_dir=request.cache_dir,
                 on_export=log,
@@ -130,13 +145,19 @@ def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[st
 
     def provide(cells: int) -> dict[str, EngineModel]:
         if cells not in cache:
+            props = "" if request.proposals is None else f"-prop{request.proposals}"
             ckpt = (
                 request.cache_dir
                 / "untrained"
-                / (f"{arch}-det{cells}-min{request.untrained_min_size}-seed{request.seed}.pt")
+                / (f"{arch}-det{cells}-min{request.untrained_min_size}{props}-seed{request.seed}.pt")
             )
             build_untrained_checkpoint(
-                ckpt, arch, cells, min_size=request.untrained_min_size, seed=request.seed
+                ckpt,
+                arch,
+                cells,
+                min_size=request.untrained_min_size,
+                seed=request.seed,
+                proposals=request.proposals,
             )
             cache[cells] = models_by_label(
                 labels,
@@ -149,6 +170,20 @@ def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[st
 
     provide(request.cells)  # fail early on a bad engine or model before any image is made
     return provide
+
+
+def retuned_checkpoint(checkpoint: Path, proposals: int, cache_dir: Path, log: Log) -> Path:
+    """``checkpoint`` with ``proposals`` RPN proposals, written once into ``cache_dir/retuned/`` (named by the
+    source's SHA-256, so a changed source gets a new file)."""
+    from cellseg_deploy.modeling import retune_checkpoint  # torch: only when asked for
+
+    check_checkpoint_path(checkpoint)
+    out = cache_dir / "retuned" / f"{checkpoint.stem}-{sha256_file(checkpoint)[:12]}-prop{proposals}.pt"
+    if not out.is_file():
+        log(f"retuning {checkpoint} to {proposals} RPN proposals per image: {out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        retune_checkpoint(checkpoint, out, proposals)
+    return out
 
 
 def build_workload(request: BenchRequest) -> Workload:
@@ -183,6 +218,10 @@ def run_bench(request: BenchRequest, log: Log | None = None) -> dict[str, Any]:
             f"detections_per_img = cells, so each image yields exactly as many detections as it has cells "
             f"({request.cells} here); box sizes come from random proposals, not from cells"
         )
+    if request.proposals is not None:
+        note = result.get("models_note")
+        retuned = f"{request.proposals} RPN proposals per image (--proposals, a model change)"
+        result["models_note"] = f"{note}; {retuned}" if note else retuned
     sweeps: dict[str, Any] = {}
     for kind in request.sweeps:
         values = request.sweep_cells if kind == "cells" else request.sweep_sizes

@@ -282,11 +282,15 @@ def build_untrained_checkpoint(
     max_size: int | None = None,
     anchor_sizes: str | None = None,
     seed: int = 0,
+    proposals: int | None = None,
 ) -> Path:
     """Write a random-weight checkpoint that returns exactly ``detections`` detections per image.
 
     See the module docstring for why. ``score_thresh`` is 0, ``detections_per_img`` is ``detections``, and
-    the RPN keeps at least ``2 * detections`` proposals after its NMS so enough candidates exist.
+    the RPN keeps at least ``2 * detections`` proposals after its NMS so enough candidates exist (at least
+    1000, torchvision's default), unless ``proposals`` sets that number (and the per-level pre-NMS top-k, see
+    :func:`~cellseg_deploy.modeling.retune.with_proposals`): each proposal gives a candidate per class, so
+    fewer proposals than detections can still fill the cap, and the benchmark records the count it got.
     Weights are drawn with ``torch.manual_seed(seed)``; an existing ``out`` with the same settings is kept.
 
     Args:
@@ -297,10 +301,17 @@ def build_untrained_checkpoint(
             defaults to ``2 * min_size`` (the proportions of the model config's defaults).
         anchor_sizes: an anchor preset name, or ``None`` for the architecture's default.
         seed: weight initialisation seed.
+        proposals: RPN proposals per image at inference; ``None``: ``max(1000, 2 * detections)``.
     """
     import torch
 
-    from cellseg_deploy.modeling import ModelConfig, build_model, load_checkpoint, save_checkpoint
+    from cellseg_deploy.modeling import (
+        ModelConfig,
+        build_model,
+        load_checkpoint,
+        save_checkpoint,
+        with_proposals,
+    )
 
     if detections < 1:
         raise ConfigError(f"detections must be at least 1, got {detections}")
@@ -316,6 +327,8 @@ def build_untrained_checkpoint(
         extra={"purpose": "benchmark: untrained, fixed detection count", "seed": seed},
     )
     config.validate()
+    if proposals is not None:
+        config = with_proposals(config, proposals)
     if out.is_file():
         try:
             if load_checkpoint(out).model_config == config:

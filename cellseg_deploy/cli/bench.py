@@ -58,6 +58,13 @@ from cellseg_deploy.cli.options import (
     "the image has cells (controlled work; see the docs of cellseg_deploy.bench.models).",
 )
 @click.option(
+    "--proposals",
+    type=click.IntRange(min=1),
+    default=None,
+    help="RPN proposals per image at inference (a model change, see 'cellseg-deploy retune'): --model is "
+    "retuned into --cache first, --untrained built with it. Default: the model's own (1000).",
+)
+@click.option(
     "--data",
     type=click.Path(path_type=Path),
     default=None,
@@ -190,6 +197,7 @@ def bench(
     model_for: tuple[str, ...],
     allow_mismatch: bool,
     untrained: str | None,
+    proposals: int | None,
     data: Path | None,
     limit: int | None,
     imgsz: int,
@@ -236,6 +244,7 @@ def bench(
         cellseg-deploy bench --engine torch,trt,trt:fp16 --device cuda --model ckpt.pt --option trt.rebuild=true
         cellseg-deploy bench --engine onnx --model-for onnx=m.onnx --data data/hw3 --limit 10 --threads 2
         cellseg-deploy bench --engine openvino,openvino:int8 --untrained r50-fpn --iters 3 --profile
+        cellseg-deploy bench --engine torch,openvino:int8 --model best.pt --proposals 300
         cellseg-deploy bench --engine openvino:int8 --untrained r50-fpn --synthetic-images 32 \\
             --mode throughput --concurrency 2
     """
@@ -284,6 +293,7 @@ def bench(
         model_for=parse_model_for(model_for),
         allow_mismatch=allow_mismatch,
         untrained=untrained,
+        proposals=proposals,
         data=data,
         limit=limit,
         imgsz=imgsz,

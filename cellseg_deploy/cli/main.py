@@ -49,10 +49,22 @@ def _register() -> None:
     from cellseg_deploy.cli.evaluate import eval_cmd, predict_cmd
     from cellseg_deploy.cli.export import export_cmd
     from cellseg_deploy.cli.parity import parity_cmd
+    from cellseg_deploy.cli.retune import retune_cmd
     from cellseg_deploy.cli.scorecard import scorecard_cmd
     from cellseg_deploy.cli.train import train_cmd
 
-    commands = (data, train_cmd, export_cmd, parity_cmd, eval_cmd, predict_cmd, bench, scorecard_cmd, demo)
+    commands = (
+        data,
+        train_cmd,
+        retune_cmd,
+        export_cmd,
+        parity_cmd,
+        eval_cmd,
+        predict_cmd,
+        bench,
+        scorecard_cmd,
+        demo,
+    )
     for command in commands:
         cli.add_command(command)
     add_verbose_everywhere(cli)  # --verbose after the subcommand too: `cellseg-deploy eval ... --verbose`

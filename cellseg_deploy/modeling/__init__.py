@@ -5,6 +5,7 @@ from cellseg_deploy.modeling.checkpoint import Checkpoint, load_checkpoint, save
 from cellseg_deploy.modeling.config import ANCHOR_PRESETS, ModelConfig
 from cellseg_deploy.modeling.raw import OUTPUT_NAMES, RawMaskRCNN, forward_raw
 from cellseg_deploy.modeling.registry import get_arch, list_architectures
+from cellseg_deploy.modeling.retune import retune_checkpoint, with_proposals
 
 __all__ = [
     "ANCHOR_PRESETS",
@@ -18,5 +19,7 @@ __all__ = [
     "get_arch",
     "list_architectures",
     "load_checkpoint",
+    "retune_checkpoint",
     "save_checkpoint",
+    "with_proposals",
 ]

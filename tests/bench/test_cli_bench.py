@@ -262,3 +262,39 @@ def test_outputs_are_checked_before_any_work(tmp_path: Path, capsys: pytest.Capt
     rc, _, err = _run([*argv, "--out", str(tmp_path / "done")], capsys)
     assert rc == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "cache").exists()  # refused before any model was built
+
+
+def test_proposals_retune_the_model_every_engine_reads(
+    random_tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cellseg_deploy.modeling import load_checkpoint
+
+    common = ["--engine", "torch", "--imgsz", "128", "--cells", "6", "--warmup", "0", "--iters", "1"]
+    common += ["--threads", "1", "--no-memory", "--isolation", "shared", "--proposals", "40"]
+    cache = tmp_path / "cache"
+    rc, _, stderr = _run(
+        [
+            "bench",
+            *common,
+            "--model",
+            str(random_tiny_checkpoint),
+            "--out",
+            str(tmp_path / "a"),
+            "--cache",
+            str(cache),
+        ],
+        capsys,
+    )
+    assert rc == 0, stderr
+    result = json.loads((tmp_path / "a" / "bench.json").read_text())
+    measured = Path(result["engines"]["torch"]["model"]["path"])
+    assert measured.parent == cache / "retuned" and "-prop40" in measured.name
+    assert load_checkpoint(measured).model_config.rpn_post_nms_top_n_test == 40
+    assert "40 RPN proposals per image" in result["models_note"]
+    # the untrained model is built with the setting (a file of its own: the 1000-proposal one stays)
+    rc, _, stderr = _run(
+        ["bench", *common, "--untrained", "tiny", "--out", str(tmp_path / "b"), "--cache", str(cache)], capsys
+    )
+    assert rc == 0, stderr
+    (built,) = (cache / "untrained").glob("*-prop40-*.pt")
+    assert load_checkpoint(built).model_config.rpn_pre_nms_top_n_test == 40

@@ -172,3 +172,38 @@ def test_the_same_inputs_give_the_same_ir_bytes(fast_onnx: Path, tmp_path: Path)
         subprocess.run([sys.executable, "-c", code, str(fast_onnx), str(out)], check=True, timeout=300)
     assert sha256_file(outs[0]) == sha256_file(outs[1])
     assert sha256_file(outs[0].with_suffix(".bin")) == sha256_file(outs[1].with_suffix(".bin"))
+
+
+def test_the_transposed_convolution_is_quantised_per_output_channel(trained_int8: Path) -> None:
+    """The mask head's upsampling (ConvTranspose in ONNX, ConvolutionBackpropData in OpenVINO) gets int8
+    inputs like the convolutions: its weights ``[C_in, C_out, kH, kW]`` are quantised per *output* channel
+    (axis 1), so the range of one output channel never sets another's."""
+    model = ov.Core().read_model(str(trained_int8))
+    deconvs = [op for op in model.get_ordered_ops() if op.get_type_name() == "ConvolutionBackpropData"]
+    assert len(deconvs) == 1
+    data_fq, weight_fq = (deconvs[0].input_value(i).get_node() for i in (0, 1))
+    assert data_fq.get_type_name() == weight_fq.get_type_name() == "FakeQuantize"
+    c_out = int(deconvs[0].get_input_partial_shape(1).to_shape()[1])
+    low = weight_fq.input_value(1).get_node().get_data()
+    assert low.shape == (1, c_out, 1, 1), (low.shape, c_out)
+    assert np.all(low < 0)  # symmetric: [-max|w|, max|w|] of each channel
+
+
+@pytest.mark.skipif("not _int8_capable()", reason="OpenVINO reports no int8 support on this CPU")
+def test_the_transposed_convolution_runs_in_int8_on_avx512(trained_int8: Path) -> None:
+    """OpenVINO's CPU plugin runs a quantised ConvolutionBackpropData with int8 inputs when the CPU has AVX-512
+    (``avx512_core``: F, BW, VL, DQ); without it, only for static shapes, and the mask head's RoI count is
+    dynamic (``Deconvolution::canBeExecutedInInt8`` in ``src/plugins/intel_cpu/src/nodes/deconv.cpp``)."""
+    from cellseg_deploy.cpu import cpu_flags
+
+    if not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags():
+        pytest.skip(
+            "no AVX-512 on this CPU: OpenVINO keeps a dynamic-shape transposed convolution in bf16/fp32"
+        )
+    compiled = ov.Core().compile_model(str(trained_int8), "CPU", {"INFERENCE_NUM_THREADS": 1})
+    kinds = {
+        op.get_rt_info()["runtimePrecision"].astype(str).lower()
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "Deconvolution"
+    }
+    assert kinds and kinds <= {"u8", "i8"}, kinds  # the precision of the layer's (quantised) input

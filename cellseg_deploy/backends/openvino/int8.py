@@ -4,12 +4,15 @@ The single ONNX graph (:mod:`~cellseg_deploy.backends.onnxrt.export`) is read by
 gets ``FakeQuantize`` nodes on its two inputs, which OpenVINO's CPU plugin turns into int8 kernels (AMX-INT8 /
 AVX512-VNNI); everything else runs as before (bf16 where the CPU has it, else fp32):
 
-- **Which layers:** every ``Convolution`` and constant-weight ``MatMul`` (backbone, FPN, RPN conv, box head
-  ``fc6``/``fc7``, the four mask-head convolutions), except the small layers whose outputs are the answers
-  (RPN ``cls_logits``/``bbox_pred``, ``cls_score``, ``bbox_pred``, ``mask_fcn_logits``) and the first
-  convolution (3 input channels: cheap, and the one most sensitive to the input's range). The mask head's
-  transposed convolution has no int8 kernel in OpenVINO's CPU plugin and stays in bf16. Box decoding,
-  NMS, RoIAlign's coordinates and the outputs stay fp32 as in the bf16 path.
+- **Which layers:** every ``Convolution``, ``ConvolutionBackpropData`` (the mask head's transposed
+  convolution: the CPU plugin runs it in int8 on CPUs with AVX-512; on others only for static shapes, so there
+  it stays bf16/fp32; its weights ``[C_in, C_out, kH, kW]`` are quantised per output channel, axis 1, the
+  axis the plugin applies per-channel scales on) and constant-weight
+  ``MatMul`` (backbone, FPN, RPN conv, box head ``fc6``/``fc7``, the four mask-head convolutions and their
+  upsampling), except the small layers whose outputs are the answers (RPN ``cls_logits``/``bbox_pred``,
+  ``cls_score``, ``bbox_pred``, ``mask_fcn_logits``) and the first convolution (3 input channels: cheap, and
+  the one most sensitive to the input's range). Box decoding, NMS, RoIAlign's coordinates and the outputs
+  stay fp32 as in the bf16 path.
 - **Weights:** symmetric, per output channel, 255 levels (``[-max|w|, max|w|]`` of each channel).
 - **Shared activations:** one ``FakeQuantize`` per tensor, shared by all its quantised consumers; the backbone's
   residual additions get their inputs quantised too, so the tensor between two bottleneck blocks is int8 for
@@ -50,7 +53,7 @@ from cellseg_deploy.errors import BackendUnavailable, DataError, UserError
 log = logging.getLogger(__name__)
 
 
-QUANTISED_TYPES: tuple[str, ...] = ("Convolution", "MatMul")
+QUANTISED_TYPES: tuple[str, ...] = ("Convolution", "ConvolutionBackpropData", "MatMul")
 SKIPPED_NAMES: tuple[str, ...] = (
     "cls_logits",
     "bbox_pred",
@@ -254,6 +257,8 @@ def _weight_axis(op: Any) -> int:
     """The output-channel axis of ``op``'s weight tensor."""
     if op.get_type_name() == "MatMul":
         return 0 if op.get_attributes().get("transpose_b", False) else 1
+    if op.get_type_name() == "ConvolutionBackpropData":
+        return 1  # [C_in, C_out, kH, kW]
     return 0  # Convolution: [C_out, C_in, kH, kW]
 
 
