@@ -123,8 +123,9 @@ class BenchSettings:
         threads: intra-op CPU threads given to every runner (``None``: each backend's default).
         batch: images per call; ``> 1`` only for runners that really batch (their own ``_infer_batch``).
         memory: also measure each engine's peak memory in a fresh process.
-        memory_rounds: passes over the workload in each memory probe of throughput mode, and in each
-            profile (latency mode's memory probes time as many rounds as the run measured).
+        memory_rounds: passes over the workload in each memory probe of throughput mode, and the fewest in
+            each profile (latency mode's memory probes time as many rounds as the run measured, its profiles
+            as many up to :data:`PROFILE_MAX_ROUNDS`).
         isolation: latency mode: ``"process"`` runs each engine in a process of its own, driven in the
             interleaved order (:mod:`cellseg_deploy.bench.engine_process`); ``"shared"`` loads every engine
             into the benchmark's process (where the runtimes' thread pools, allocators and arenas live side by
@@ -395,7 +396,7 @@ def run_benchmark(
     result = _assemble(settings, models, workload, samples, infos, memory, environment, r, measured_s)
     for label, peak in engine_peaks.items():
         result["engines"][label]["run_process_peak_rss_mb"] = peak
-    _add_profiles(result, settings, models, paths)
+    _add_profiles(result, settings, models, paths, rounds=min(r, PROFILE_MAX_ROUNDS))
     result["process_peak_rss_mb"] = round(process_peak, 1)
     result["load_average_after"] = load_average()
     result["warnings"] = _warnings(result)
@@ -583,11 +584,22 @@ def _engine_spec(
     }
 
 
+PROFILE_MAX_ROUNDS = 10
+"""Profiled rounds at most: layer times scatter from call to call like whole calls do, so the profile of a
+latency run averages as many rounds as the run measured, up to this many (the profiler's own cost stays a few
+runs' worth)."""
+
+
 def _add_profiles(
-    result: dict[str, Any], settings: BenchSettings, models: dict[str, EngineModel], paths: list[Path]
+    result: dict[str, Any],
+    settings: BenchSettings,
+    models: dict[str, EngineModel],
+    paths: list[Path],
+    rounds: int = 0,
 ) -> None:
     """``engines[e].profile``: each engine's per-layer profile alone (after every timed phase, so that the
-    profiler's cost is in no reported time); ``{"skipped": why}`` for runners without a profiler."""
+    profiler's cost is in no reported time) over ``max(settings.memory_rounds, rounds)`` rounds;
+    ``{"skipped": why}`` for runners without a profiler."""
     for label, entry in result["engines"].items():
         if not settings.profile:
             entry["profile"] = {"skipped": "no --profile"}
@@ -596,9 +608,8 @@ def _add_profiles(
         if not get_runner_class(runner_name).layer_profiling:
             entry["profile"] = {"skipped": f"runner {runner_name!r} has no per-layer profiler"}
             continue
-        spec = _engine_spec(
-            label, models[label], settings, paths, settings.memory_rounds, warmup=max(1, settings.warmup)
-        )
+        calls = max(settings.memory_rounds, rounds)
+        spec = _engine_spec(label, models[label], settings, paths, calls, warmup=max(1, settings.warmup))
         entry["profile"] = probe_profile(spec)
 
 
