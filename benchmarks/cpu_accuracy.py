@@ -412,21 +412,6 @@ def replot(out: Path) -> int:
     return 0
 
 
-def _retuned_from(path: Path, source: Path, proposals: int) -> bool:
-    """Whether ``path`` is ``source`` retuned to ``proposals`` (a checkpoint's bytes change with every write)."""
-    from cellseg_deploy.io_utils import sha256_file
-    from cellseg_deploy.modeling import load_checkpoint
-
-    if not path.is_file():
-        return False
-    try:
-        config = load_checkpoint(path).model_config
-    except UserError:
-        return False
-    record = config.extra.get("retuned", {})
-    return record.get("from_sha256") == sha256_file(source) and config.rpn_post_nms_top_n_test == proposals
-
-
 def run(
     checkpoint: Path,
     data: Path,
@@ -448,7 +433,8 @@ def run(
     their own cache folder.
     """
     from cellseg_deploy.io_utils import sha256_file
-    from cellseg_deploy.modeling import load_checkpoint, retune_checkpoint
+    from cellseg_deploy.modeling import load_checkpoint
+    from cellseg_deploy.modeling.retune import retuned_copy
 
     if "torch" not in engines:
         raise UserError("the engines must include torch: it is the reference every difference is taken to")
@@ -457,9 +443,7 @@ def run(
     if proposals is not None:
         cache = cache / f"proposals-{proposals}"
         cache.mkdir(parents=True, exist_ok=True)
-        checkpoint = cache / "model.pt"
-        if not _retuned_from(checkpoint, source, proposals):  # else keep it: its exports stay valid
-            retune_checkpoint(source, checkpoint, proposals)
+        checkpoint = retuned_copy(source, cache, proposals)
     config = load_checkpoint(checkpoint).model_config
     arch = config.arch
     environment = capture_environment("cpu", threads)

@@ -33,7 +33,6 @@ from cellseg_deploy.bench.runner_bench import BenchSettings, run_benchmark, spli
 from cellseg_deploy.bench.sweep import DEFAULT_CELLS, DEFAULT_SIZES, run_sweep
 from cellseg_deploy.bench.workload import Workload, folder_workload, synthetic_workload
 from cellseg_deploy.errors import ConfigError
-from cellseg_deploy.io_utils import sha256_file
 
 Log = Callable[[str], None]
 
@@ -92,6 +91,11 @@ class BenchRequest:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if self.proposals is not None and self.proposals < 1:
             raise ConfigError(f"--proposals must be at least 1, got {self.proposals}")
+        if self.proposals is not None and self.checkpoint is None and self.untrained is None:
+            raise ConfigError(
+                "--proposals retunes a checkpoint (exported files keep the count they were exported with): "
+                "pass --model CKPT or --untrained ARCH with it"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON (the settings are reported separately)."""
@@ -173,16 +177,12 @@ def _models_provider(request: BenchRequest, log: Log) -> Callable[[int], dict[st
 
 
 def retuned_checkpoint(checkpoint: Path, proposals: int, cache_dir: Path, log: Log) -> Path:
-    """``checkpoint`` with ``proposals`` RPN proposals, written once into ``cache_dir/retuned/`` (named by the
-    source's SHA-256, so a changed source gets a new file)."""
-    from cellseg_deploy.modeling import retune_checkpoint  # torch: only when asked for
+    """``checkpoint`` with ``proposals`` RPN proposals, in ``cache_dir/retuned/`` (written once, then reused)."""
+    from cellseg_deploy.modeling.retune import retuned_copy  # torch: only when asked for
 
     check_checkpoint_path(checkpoint)
-    out = cache_dir / "retuned" / f"{checkpoint.stem}-{sha256_file(checkpoint)[:12]}-prop{proposals}.pt"
-    if not out.is_file():
-        log(f"retuning {checkpoint} to {proposals} RPN proposals per image: {out}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        retune_checkpoint(checkpoint, out, proposals)
+    out = retuned_copy(checkpoint, cache_dir / "retuned", proposals)
+    log(f"{checkpoint} with {proposals} RPN proposals per image: {out}")
     return out
 
 

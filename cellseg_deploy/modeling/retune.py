@@ -82,3 +82,16 @@ def retune_checkpoint(src: str | Path, out: str | Path, proposals: int, pre_nms:
     config = config.replace(extra={**config.extra, "retuned": record})
     save_checkpoint(out, ckpt.build_model(), config, recipe=ckpt.recipe, epoch=ckpt.epoch)
     return out
+
+
+def retuned_copy(src: str | Path, folder: str | Path, proposals: int, pre_nms: int | None = None) -> Path:
+    """``src`` retuned (:func:`retune_checkpoint`) into ``folder``, written once and reused afterwards: the
+    file is named by the source's SHA-256 and the counts, so a changed source gets a new file (a checkpoint's
+    bytes change with every write, and a rewrite would invalidate every export cached under its SHA-256)."""
+    src = Path(src)
+    pre = "" if pre_nms is None else f"-pre{pre_nms}"
+    out = Path(folder) / f"{src.stem}-{sha256_file(src)[:12]}-prop{proposals}{pre}.pt"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        retune_checkpoint(src, out, proposals, pre_nms)
+    return out

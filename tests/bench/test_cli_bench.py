@@ -298,3 +298,8 @@ def test_proposals_retune_the_model_every_engine_reads(
     assert rc == 0, stderr
     (built,) = (cache / "untrained").glob("*-prop40-*.pt")
     assert load_checkpoint(built).model_config.rpn_pre_nms_top_n_test == 40
+    # exported files keep the count they were exported with: --proposals without a checkpoint is refused
+    rc, _, stderr = _run(
+        ["bench", "--engine", "onnx", "--model-for", "onnx=m.onnx", "--proposals", "40"], capsys
+    )
+    assert rc == 2 and "pass --model CKPT or --untrained ARCH" in stderr

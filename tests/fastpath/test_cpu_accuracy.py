@@ -87,6 +87,34 @@ def test_run_scores_every_engine_on_the_same_images(trained_tiny, tmp_path: Path
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("model.*")} == stamps
 
 
+def test_proposals_retune_every_engine_and_are_reported(trained_tiny, tmp_path: Path) -> None:
+    from cellseg_deploy.modeling import load_checkpoint
+
+    def run() -> dict:
+        return cpu_accuracy.run(
+            trained_tiny.checkpoint,
+            trained_tiny.data_root,
+            tmp_path / "out",
+            tmp_path / "cache",
+            (cpu_accuracy.Case("val"),),
+            ("torch",),
+            threads=1,
+            proposals=50,
+        )
+
+    summary = run()
+    assert (summary["proposals"], summary["pre_nms_top_n"], summary["retuned"]) == (50, 50, True)
+    assert summary["checkpoint"] == str(trained_tiny.checkpoint)  # the source is named, not the copy
+    scored = Path(summary["cases"]["val"]["checkpoint"])
+    assert load_checkpoint(scored).model_config.rpn_post_nms_top_n_test == 50
+    assert (
+        "50 after NMS, 50 per level before it (retuned with --proposals"
+        in (tmp_path / "out" / "summary.md").read_text()
+    )
+    stamp = scored.stat().st_mtime_ns
+    assert Path(run()["cases"]["val"]["checkpoint"]).stat().st_mtime_ns == stamp  # reused, exports stay valid
+
+
 def _case(rows: list[tuple[str, float, bool | None]]) -> dict:
     made = []
     for engine, diff, parity in rows:

@@ -61,7 +61,9 @@ def test_retune_refuses_to_replace_its_source(random_tiny_checkpoint: Path) -> N
         retune_checkpoint(random_tiny_checkpoint, random_tiny_checkpoint, 40)
 
 
-def test_retune_command(random_tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_retune_command(
+    random_tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     src, out = str(random_tiny_checkpoint), tmp_path / "p50.pt"
     assert main(["retune", src, "--proposals", "50", "--pre-nms", "80", "--out", str(out)]) == 0
     assert "rpn_post_nms_top_n_test 1000 -> 50" in capsys.readouterr().out
