@@ -789,9 +789,9 @@ def _warnings(result: dict[str, Any]) -> list[str]:
         if alone and abs(alone["run_over_alone"] - 1) > ALONE_TOLERANCE:
             out.append(
                 f"engine {name!r}: p50 {e['latency']['p50_ms']:.1f} ms in this run against {alone['p50_ms']:.1f} ms "
-                f"alone in a fresh process ({alone['run_over_alone']:.2f}x, over {ALONE_TOLERANCE:.0%}): the engines "
-                "in the run change each other's times, so speed ratios from it are off; run fewer engines per call "
-                "to compare"
+                f"alone in a fresh process ({alone['run_over_alone']:.2f}x, over {ALONE_TOLERANCE:.0%}): the other "
+                "engines or the machine's own noise moved it, and speed ratios from this run are uncertain by as much; "
+                "more --iters narrow both p50s, and --block K --settle N times each engine's calls after its own"
             )
     for name, e in result["engines"].items():
         provenance = (e.get("model") or {}).get("provenance")
