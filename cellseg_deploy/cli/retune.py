@@ -51,11 +51,9 @@ def retune_cmd(
         cellseg-deploy export runs/r50/best-p300.pt --format onnx --out models/r50-p300.onnx
     """
     check_outputs({"--out": out, "--json": json_path}, overwrite=overwrite)
-    from cellseg_deploy.modeling import load_checkpoint, retune_checkpoint
+    from cellseg_deploy.modeling import retune_checkpoint
 
-    retune_checkpoint(checkpoint, out, proposals, pre_nms)
-    config = load_checkpoint(out).model_config
-    record = config.extra["retuned"]
+    record = retune_checkpoint(checkpoint, out, proposals, pre_nms)
     changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in record["changes"].items()) or "nothing changed"
     click.echo(f"wrote {out}: {changes}")
     write_json_result(json_path, {"checkpoint": str(out), **record})

@@ -58,8 +58,11 @@ def proposal_changes(before: ModelConfig, after: ModelConfig) -> dict[str, list[
     }
 
 
-def retune_checkpoint(src: str | Path, out: str | Path, proposals: int, pre_nms: int | None = None) -> Path:
-    """Write ``out``: the checkpoint ``src`` with :func:`with_proposals` applied (atomically).
+def retune_checkpoint(
+    src: str | Path, out: str | Path, proposals: int, pre_nms: int | None = None
+) -> dict[str, Any]:
+    """Write ``out``: the checkpoint ``src`` with :func:`with_proposals` applied (atomically); returns the
+    record it stores in ``model_config.extra["retuned"]``, so a caller can report it without reading ``out``.
 
     The weights are loaded into the architecture first, so a checkpoint that does not build is refused
     here rather than at export. The training state (``last.pt``'s optimizer and RNG) is not carried over:
@@ -81,7 +84,7 @@ def retune_checkpoint(src: str | Path, out: str | Path, proposals: int, pre_nms:
     }
     config = config.replace(extra={**config.extra, "retuned": record})
     save_checkpoint(out, ckpt.build_model(), config, recipe=ckpt.recipe, epoch=ckpt.epoch)
-    return out
+    return record
 
 
 def retuned_copy(src: str | Path, folder: str | Path, proposals: int, pre_nms: int | None = None) -> Path:

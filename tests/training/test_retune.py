@@ -42,11 +42,13 @@ def _rois_per_image(model: torch.nn.Module, image: torch.Tensor) -> int:
 def test_retuned_checkpoint_has_the_same_weights_and_fewer_rois(
     random_tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    out = retune_checkpoint(random_tiny_checkpoint, tmp_path / "p40.pt", 40)
+    out = tmp_path / "p40.pt"
+    returned = retune_checkpoint(random_tiny_checkpoint, out, 40)
     src, new = load_checkpoint(random_tiny_checkpoint), load_checkpoint(out)
     assert src.state_dict.keys() == new.state_dict.keys()
     assert all(torch.equal(src.state_dict[k], new.state_dict[k]) for k in src.state_dict)
     record = new.model_config.extra["retuned"]
+    assert returned == record
     assert record["from_sha256"] == sha256_file(random_tiny_checkpoint)
     assert record["changes"] == {"rpn_pre_nms_top_n_test": [1000, 40], "rpn_post_nms_top_n_test": [1000, 40]}
     assert new.metrics == {} and new.train_state is None
